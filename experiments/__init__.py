@@ -1,0 +1,1 @@
+"""absl binaries, one per stage, plus the pipeline that chains them."""

@@ -1,0 +1,1 @@
+"""Tokenizers, data sources, packing, chat template, grain pipelines and TinyWorld."""

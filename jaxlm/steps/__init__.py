@@ -1,0 +1,1 @@
+"""One pure step function per training stage: step(state, batch) -> (state, metrics)."""

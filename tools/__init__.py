@@ -1,0 +1,1 @@
+"""Command-line tools: benchmarks, data making, tokenizer training, sampling."""
