@@ -1,0 +1,153 @@
+"""Checkpoints: an orbax CheckpointManager holding everything a run needs to resume bit-for-bit.
+
+Each checkpoint step directory holds three items:
+- `state`: the stage's train-state pytree (step, params, optimizer state, rng, and whatever else
+  the stage keeps: critic, KL controller, ...), saved asynchronously and sharded as it lives;
+- `data`: each process's data-iterator position (grain's own orbax handler, one JSON per process);
+- `meta`: JSON with the run's config and anything a later stage needs to rebuild the model
+  (model config, tokenizer path, reward normalisation).
+
+Saves are atomic (orbax writes to a temporary directory and renames it), so a run killed with
+SIGKILL leaves either the previous checkpoint or the new one, never half of one. A checkpoint that
+exists but cannot be read is reported and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import grain.checkpoint as grain_ckpt
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class _IteratorSnapshot:
+    """Freezes an iterator's state at save time, so an asynchronous save can't see later batches.
+
+    Also adapts any iterator with get_state()/set_state() of JSON-serialisable dicts to grain's
+    handler (which takes the bytes path for objects that are not grain DatasetIterators).
+    """
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+        self._state = json.dumps(iterator.get_state()).encode() if hasattr(iterator, "get_state") else None
+
+    def get_state(self) -> bytes:
+        return self._state
+
+    def set_state(self, state: bytes):
+        self._iterator.set_state(json.loads(state.decode()))
+
+    def start_prefetch(self):
+        pass
+
+
+class Checkpointer:
+    """Save/restore a stage's state, data position and metadata under `directory`."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, *, data_iterator=None, meta: dict | None = None, force: bool = True) -> bool:
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+        if data_iterator is not None:
+            items["data"] = grain_ckpt.CheckpointSave(_IteratorSnapshot(data_iterator))
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore_latest(self, abstract_state: Any, *, data_iterator=None) -> tuple[int, Any, dict] | None:
+        """Restore the newest readable checkpoint into the shardings of `abstract_state`.
+
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set (e.g. from
+        jax.eval_shape plus the stage's shardings). Returns (step, state, meta), or None when the
+        directory holds no checkpoint. Unreadable checkpoints are logged and skipped.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return step, *self.restore(step, abstract_state, data_iterator=data_iterator)
+            except Exception as e:  # A damaged checkpoint: say which and fall back to the previous one.
+                log.error("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                          self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                print(f"WARNING: checkpoint {self.directory}/{step} is unreadable "
+                      f"({type(e).__name__}); falling back to an earlier one", flush=True)
+        return None
+
+    def restore(self, step: int, abstract_state: Any, *, data_iterator=None) -> tuple[Any, dict]:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        if data_iterator is not None:
+            self._restore_data(step, data_iterator)
+        return restored["state"], restored["meta"] or {}
+
+    def _restore_data(self, step: int, data_iterator):
+        index, count = jax.process_index(), jax.process_count()
+        path = os.path.join(self.directory, str(step), "data", f"process_{index}-of-{count}.json")
+        if not os.path.exists(path):
+            saved = sorted(os.listdir(os.path.dirname(path))) if os.path.isdir(os.path.dirname(path)) else []
+            raise FileNotFoundError(
+                f"checkpoint {self.directory}/{step} has no data-iterator state for process {index} of {count} "
+                f"(it holds {saved or 'none'}); was it written with a different number of processes?")
+        self._manager.restore(step, args=ocp.args.Composite(
+            data=grain_ckpt.CheckpointRestore(_IteratorSnapshot(data_iterator))))
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self):
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def checkpoint_dir(path: str) -> str:
+    """Accept a run's workdir or its checkpoints/ directory."""
+    path = os.path.abspath(path)
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+def load_params(path: str, step: int | None = None, *, item: str = "params") -> tuple[Any, dict]:
+    """Load one parameter tree (host-local, unsharded) and the run's metadata from a checkpoint.
+
+    `path` is a run's workdir or its checkpoints/ directory; `item` selects the subtree of the
+    saved state (`params`, or e.g. `policy` / `critic` for stages with several models).
+    """
+    ckpt = Checkpointer(checkpoint_dir(path), async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {path}")
+    meta = ckpt.restore_meta(step)
+    restored = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+    ckpt.close()
+    if item not in restored:
+        raise KeyError(f"checkpoint {path} step {step} has no '{item}' (it has {sorted(restored)})")
+    return restored[item], meta
+
+
+def load_for_inference(path: str, step: int | None = None):
+    """(model, params, tokenizer) from a run's workdir, for sampling and evaluation."""
+    from jaxlm.data.tokenizer import Tokenizer
+    from jaxlm.model import Model, ModelConfig
+
+    params, meta = load_params(path, step)
+    model = Model(ModelConfig(**meta["model"]))
+    tokenizer = Tokenizer.load(meta["tokenizer"])
+    return model, params, tokenizer

@@ -1,0 +1,363 @@
+"""A decoder-only Transformer of the Llama family, written with Flax NNX and used functionally.
+
+One architecture covers Llama 2/3, Mistral and Qwen2 checkpoints through config alone: RMSNorm,
+rotary embeddings with a configurable base, a SwiGLU MLP, grouped-query attention (kv heads ≤
+heads), optional tied input/output embeddings and optional bias on the q/k/v projections.
+
+Design decisions:
+- Parameters live in a plain nested dict of arrays (`params`), not in module objects. `Model`
+  holds the NNX graph definition once and merges the dict back into modules inside the jitted
+  function, so training steps, samplers and checkpoints all deal with ordinary pytrees.
+- The layers are created stacked (`nnx.vmap`) and run with `jax.lax.scan`: compile time stays
+  flat in depth. `scan_unroll` trades compile time for speed on small CPU models.
+- Every parameter carries logical axis names (`axes=...` metadata, e.g. ('embed', 'mlp')); the
+  rules table in `jaxlm.sharding` maps them to mesh axes. Stacked layers get a leading 'layers'.
+- Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators). Norms,
+  softmax and logits are computed in float32.
+- Attention goes through `jax.nn.dot_product_attention`. Masks are built from positions and
+  segment ids, so packed documents never attend to each other, left padding is invisible, and
+  the same code serves training (no cache) and decoding (a preallocated `KVCache`).
+- No dropout anywhere: RLHF stages need deterministic log-probs, and small-data pretraining here
+  does not need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm import sharding
+
+Params = dict[str, Any]
+
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and numerics of the Transformer. Defaults are a ~3M-parameter CPU model."""
+
+    vocab_size: int = 1024
+    num_layers: int = 4
+    d_model: int = 256
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 = num_heads (plain multi-head attention); fewer = GQA.
+    head_dim: int = 0  # 0 = d_model // num_heads.
+    mlp_dim: int = 0  # 0 = Llama's rule: 8/3 · d_model rounded up to a multiple of 64.
+    max_seq_len: int = 2048  # Longest sequence the sampler will cache; RoPE itself has no limit.
+    rope_theta: float = 10_000.0  # Llama 2: 1e4; Llama 3: 5e5; Qwen2: 1e6.
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False  # Qwen2-0.5B and Llama 3.2 1B tie; most larger models do not.
+    qkv_bias: bool = False  # Qwen2 has bias on q/k/v; Llama and Mistral do not.
+    init_std: float = 0.02
+    dtype: str = "float32"  # Compute dtype; parameters stay float32.
+    remat: str = "none"  # One of _REMAT_POLICIES: what the backward pass recomputes.
+    scan_unroll: int = 1  # Layers unrolled per scan iteration (num_layers = fully unrolled).
+    attention_impl: str = "xla"  # 'xla', 'cudnn' (flash attention on NVIDIA GPUs) or 'auto'.
+
+    def __post_init__(self):
+        if self.num_heads <= 0 or self.d_model <= 0 or self.num_layers <= 0:
+            raise ValueError(f"num_heads, d_model and num_layers must be positive: {self}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
+        if self.head_size % 2:
+            raise ValueError(f"head_dim={self.head_size} must be even for rotary embeddings")
+        if self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(_REMAT_POLICIES)}")
+        if self.attention_impl not in ("xla", "cudnn", "auto"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; choose xla, cudnn or auto")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_dim or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, h, l = self.d_model, self.head_size, self.num_layers
+        attn = d * h * (self.num_heads + 2 * self.kv_heads) + self.num_heads * h * d
+        if self.qkv_bias:
+            attn += h * (self.num_heads + 2 * self.kv_heads)
+        per_layer = attn + 3 * d * self.hidden_dim + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return l * per_layer + d + (emb if include_embeddings else 0)
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Preallocated keys and values for every layer, plus what the attention mask needs.
+
+    Slots are written left to right; `segment_ids == 0` marks an empty or padding slot that no
+    query attends to. Causality uses the stored positions, so left-padded prompts just work.
+    """
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    positions: jax.Array  # [B, S] int32
+    segment_ids: jax.Array  # [B, S] int32, 0 = empty
+    index: jax.Array  # [] int32, next slot to write
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or cfg.compute_dtype
+        shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.head_size)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            positions=jnp.zeros((batch_size, max_len), jnp.int32),
+            segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] float32 (None when compute_logits=False)
+    hidden: jax.Array  # [B, T, D] final hidden states after the last norm (reward/value heads read these)
+    cache: KVCache | None
+
+
+def _param(rngs: nnx.Rngs, shape, std: float, axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the 'rotate half' layout Hugging Face Llama checkpoints use.
+
+    x: [B, T, N, H]; positions: [B, T]. Pairs dimension i with i + H/2 and rotates it by
+    position · theta^(-2i/H), so q·k depends only on the relative position.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(q_pos, q_seg, k_pos, k_seg) -> jax.Array:
+    """[B, 1, T, S]: a query sees keys of its own (non-zero) segment at positions ≤ its own."""
+    same_segment = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
+    causal = k_pos[:, None, :] <= q_pos[:, :, None]
+    # Padding queries (segment 0) may look anywhere: their outputs are never used, and a row
+    # with no visible key is undefined in some attention kernels.
+    pad_query = q_seg[:, :, None] == 0
+    return ((same_segment & causal) | pad_query)[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.wq = _param(rngs, (d, n, h), cfg.init_std, ("embed", "heads", "head_dim"))
+        self.wk = _param(rngs, (d, k, h), cfg.init_std, ("embed", "kv_heads", "head_dim"))
+        self.wv = _param(rngs, (d, k, h), cfg.init_std, ("embed", "kv_heads", "head_dim"))
+        self.wo = _param(rngs, (n, h, d), out_std, ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            self.q_bias = nnx.Param(jnp.zeros((n, h), jnp.float32), axes=("heads", "head_dim"))
+            self.k_bias = nnx.Param(jnp.zeros((k, h), jnp.float32), axes=("kv_heads", "head_dim"))
+            self.v_bias = nnx.Param(jnp.zeros((k, h), jnp.float32), axes=("kv_heads", "head_dim"))
+        self.cfg = cfg
+
+    def __call__(self, x, positions, segment_ids, layer_cache):
+        """x: [B, T, D]. layer_cache: None, or (k [B,S,K,H], v, cache positions, cache segments, index)."""
+        cfg, dt = self.cfg, x.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+
+        impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+        new_kv = None
+        if layer_cache is not None:
+            k_cache, v_cache, k_pos, k_seg, index = layer_cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+            new_kv = (k, v)
+            mask = attention_mask(positions, segment_ids, k_pos, k_seg)
+            out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask, implementation=impl)
+        elif segment_ids is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        else:
+            mask = attention_mask(positions, segment_ids, positions, segment_ids)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        out = sharding.constrain(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.hidden_dim
+        self.w_gate = _param(rngs, (d, f), cfg.init_std, ("embed", "mlp"))
+        self.w_up = _param(rngs, (d, f), cfg.init_std, ("embed", "mlp"))
+        self.w_down = _param(rngs, (f, d), cfg.init_std / math.sqrt(2 * cfg.num_layers), ("mlp", "embed"))
+
+    def __call__(self, x):
+        dt = x.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(dt))
+        h = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return jnp.einsum("BTF,FD->BTD", h, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, segment_ids, layer_cache=None):
+        attn_out, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, layer_cache)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return sharding.constrain(x, ("batch", "length", "act_embed")), new_kv
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, ("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, ("embed", "vocab"))
+
+    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None,
+                 compute_logits: bool = True) -> ModelOutput:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        block_def, block_state = nnx.split(self.blocks)
+
+        if cache is None:
+            def body(x, layer_state):
+                x, _ = nnx.merge(block_def, layer_state)(x, positions, segment_ids)
+                return x, None
+            if _REMAT_POLICIES[cfg.remat] is not None:
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, block_state, unroll=cfg.scan_unroll)
+            new_cache = None
+        else:
+            if segment_ids is None:
+                segment_ids = jnp.ones_like(tokens)
+            t = tokens.shape[1]
+            k_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), cache.index, 1)
+            k_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, 1)
+
+            def body(carry, layer_state):
+                x, k_all, v_all, layer = carry
+                layer_cache = (k_all[layer], v_all[layer], k_pos, k_seg, cache.index)
+                x, (k, v) = nnx.merge(block_def, layer_state)(x, positions, segment_ids, layer_cache)
+                k_all = jax.lax.dynamic_update_index_in_dim(k_all, k, layer, 0)
+                v_all = jax.lax.dynamic_update_index_in_dim(v_all, v, layer, 0)
+                return (x, k_all, v_all, layer + 1), None
+
+            (x, k_all, v_all, _), _ = jax.lax.scan(
+                body, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)), block_state, unroll=cfg.scan_unroll)
+            new_cache = KVCache(k=k_all, v=v_all, positions=k_pos, segment_ids=k_seg, index=cache.index + t)
+
+        hidden = self.final_norm(x)
+        logits = None
+        if compute_logits:
+            head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+            logits = jnp.einsum("BTD,DV->BTV", hidden, head.astype(dt)).astype(jnp.float32)
+            logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
+        return ModelOutput(logits=logits, hidden=hidden, cache=new_cache)
+
+
+class Model:
+    """Functional handle on a Transformer: `init(rng) -> params`, `apply(params, ...) -> ModelOutput`.
+
+    `params` is a nested dict of arrays (a plain pytree for optax, orbax and jax.jit);
+    `logical_axes()` gives the same tree with a tuple of logical axis names per parameter.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        abstract_module = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+        self.graphdef, self._abstract_state = nnx.split(abstract_module)
+
+    def init(self, rng: jax.Array) -> Params:
+        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(params=rng))))
+
+    def abstract_params(self) -> Params:
+        return nnx.to_pure_dict(self._abstract_state)
+
+    def logical_axes(self) -> Params:
+        """Tree of logical axis names; stacked layer parameters get a leading 'layers' axis."""
+        flat = {}
+        for path, var in nnx.to_flat_state(self._abstract_state):
+            axes = tuple(var.get_metadata()["axes"])
+            flat[path] = (("layers",) + axes) if path[0] == "blocks" else axes
+        tree: dict = {}
+        for path, axes in flat.items():
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = axes
+        return tree
+
+    def bind(self, params: Params) -> Transformer:
+        """The NNX module holding `params` (inside a jitted function: free at run time)."""
+        state = jax.tree.map(lambda x: x, self._abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def apply(self, params: Params, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+              compute_logits: bool = True) -> ModelOutput:
+        """Forward pass. tokens/positions/segment_ids: [B, T] int32.
+
+        positions default to 0..T-1; segment_ids=None means one causal sequence per row with no
+        padding (the fastest attention path). With a cache the new tokens are written at
+        `cache.index` and attend to everything cached before them.
+        """
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return self.bind(params)(tokens, positions, segment_ids, cache, compute_logits)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        return KVCache.create(self.cfg, batch_size, max_len, dtype)
