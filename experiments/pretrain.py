@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -173,6 +174,9 @@ def main(argv):
                     last_saved = step
                 if stop.requested:
                     break
+                if step == cfg.train.crash_after_step:  # Fault injection for the resume tests:
+                    ckpt.wait()  # earlier saves are complete, later steps are lost.
+                    os.kill(os.getpid(), signal.SIGKILL)
     except runtime.NonFiniteLoss as e:
         ckpt.close()
         progress.close()

@@ -124,21 +124,30 @@ def checkpoint_dir(path: str) -> str:
     return sub if os.path.isdir(sub) else path
 
 
-def load_params(path: str, step: int | None = None, *, item: str = "params") -> tuple[Any, dict]:
-    """Load one parameter tree (host-local, unsharded) and the run's metadata from a checkpoint.
+def load_params(path: str, step: int | None = None, *, item: str = "params", shardings: Any = None) -> tuple[Any, dict]:
+    """Load one subtree of a saved state (`params`, or e.g. `policy` / `critic`) and the run's metadata.
 
-    `path` is a run's workdir or its checkpoints/ directory; `item` selects the subtree of the
-    saved state (`params`, or e.g. `policy` / `critic` for stages with several models).
+    `path` is a run's workdir or its checkpoints/ directory. The subtree lands on `shardings`
+    (a matching tree of jax.sharding.Sharding, e.g. the next stage's parameter shardings) or, by
+    default, on the first local device.
     """
-    ckpt = Checkpointer(checkpoint_dir(path), async_save=False)
+    directory = checkpoint_dir(path)
+    ckpt = Checkpointer(directory, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint found in {path}")
     meta = ckpt.restore_meta(step)
-    restored = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
     ckpt.close()
-    if item not in restored:
-        raise KeyError(f"checkpoint {path} step {step} has no '{item}' (it has {sorted(restored)})")
+    state_dir = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(state_dir).item_metadata
+    if item not in tree:
+        raise KeyError(f"checkpoint {path} step {step} has no '{item}' (it has {sorted(tree)})")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(tree))
+    if shardings is not None:
+        target[item] = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target[item], shardings)
+    restored = checkpointer.restore(state_dir, target)
     return restored[item], meta
 
 

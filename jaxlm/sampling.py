@@ -45,10 +45,11 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxlm import sharding
-from jaxlm.model import Model
+from jaxlm.model import Model, apply_rope, attention_mask
 
 __all__ = ["SampleOutput", "generate", "prompts_to_batch", "generate_text", "prompt_positions"]
 
@@ -73,52 +74,181 @@ def prompt_positions(prompt_lengths: jax.Array, prompt_len: int) -> tuple[jax.Ar
     return jnp.where(real, slot - first, 0), real.astype(jnp.int32)
 
 
-def _logits_from_hidden(model: Model, params, hidden: jax.Array) -> jax.Array:
-    """The model's output projection on final hidden states [B, T, D] -> [B, T, V] float32.
+class _Cache(NamedTuple):
+    """The decode loop's KV cache: one buffer per layer, so each step updates each in place."""
 
-    Prefill only needs the last prompt position's logits; asking the model for all P of them
-    would cost a [B, P, D] x [D, V] matmul that is thrown away.
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H]: heads before slots, so attention needs no transpose
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
+    positions: jax.Array  # [B, S] int32
+    segment_ids: jax.Array  # [B, S] int32, 0 = empty or padding
+
+
+_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+
+
+class _Decoder:
+    """The model's own modules, one `Block` per layer, run with a cache laid out for decoding.
+
+    Norms, rotary embeddings, masks and the MLP are the model's code (`jaxlm.model`); only
+    attention with the cache is written here, because `Model.apply(cache=...)` keeps all layers'
+    keys in one [L, B, S, K, H] array and slices a layer out and back in every step, which XLA on
+    CPU turns into several copies of the whole cache per decode step (~10x slower at batch 64).
+    Here each layer's weights are sliced once per call, outside the loop, and each layer's cache
+    is its own [B, K, S, H] buffer: a step writes the new key into it and then reads it, the
+    order that lets XLA update the loop-carried buffer in place.
     """
-    cfg = model.cfg
-    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("BTD,DV->BTV", hidden, head.astype(cfg.compute_dtype)).astype(jnp.float32)
-    return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+
+    def __init__(self, model: Model, params):
+        self.cfg = model.cfg
+        self.module = model.bind(params)
+        self.block_def, block_state = nnx.split(self.module.blocks)
+        self.layer_states = [jax.tree.map(lambda a, i=i: a[i], block_state) for i in range(self.cfg.num_layers)]
+        head = params["embed"].T if self.cfg.tie_embeddings else params["lm_head"]
+        self.head = head.astype(self.cfg.compute_dtype)  # [D, V]
+
+    def forward(self, tokens, positions, segments, cache: _Cache | None = None, slot=None):
+        """tokens/positions/segments [B, T] -> (hidden [B, T, D], per-layer (k, v)).
+
+        cache=None (prefill): the tokens attend to each other; returns their keys and values
+        [B, K, T, H]. With a cache whose positions/segment_ids already hold the new tokens at
+        `slot`: writes their keys and values there, attends to the whole cache, and returns the
+        updated per-layer buffers.
+        """
+        x = jnp.take(self.module.embed[...], tokens, axis=0).astype(self.cfg.compute_dtype)
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        kv = []
+        for i, state in enumerate(self.layer_states):
+            block = nnx.merge(self.block_def, state)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.positions, cache.segment_ids, slot)
+            attn_out, layer_kv = _attention(block.attn, block.attn_norm(x), positions, segments, layer_cache)
+            x = x + attn_out
+            x = x + block.mlp(block.mlp_norm(x))
+            x = sharding.constrain(x, ("batch", "length", "act_embed"))
+            kv.append(layer_kv)
+        return self.module.final_norm(x), kv
+
+    def logits(self, hidden):
+        """[B, T, D] -> [B, T, V] float32, as `Model.apply` computes them."""
+        logits = jnp.einsum("BTD,DV->BTV", hidden, self.head).astype(jnp.float32)
+        return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def _attention(attn, x, positions, segments, layer_cache):
+    """Grouped-query attention of x [B, T, D], alone (prefill) or over a KV cache (decode).
+
+    Same projections, rotary embedding, scale, mask and float32 softmax as `model.Attention`.
+    Returns (output [B, T, D], (k, v)): the new tokens' [B, K, T, H] keys and values when there
+    is no cache, else the updated cache buffers.
+    """
+    cfg, dt = attn.cfg, x.dtype
+    b, t, _ = x.shape
+    n, kh, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    q = jnp.einsum("BTD,DNH->BTNH", x, attn.wq[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, attn.wk[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, attn.wv[...].astype(dt))
+    if cfg.qkv_bias:
+        q, k, v = q + attn.q_bias[...].astype(dt), k + attn.k_bias[...].astype(dt), v + attn.v_bias[...].astype(dt)
+    q = apply_rope(q, positions, cfg.rope_theta)
+    k = apply_rope(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, H]
+    v = v.transpose(0, 2, 1, 3)
+    if layer_cache is None:
+        keys, values, key_pos, key_seg = k, v, positions, segments
+    else:
+        k_cache, v_cache, key_pos, key_seg, slot = layer_cache
+        keys = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=2)
+        values = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=2)
+        keys = sharding.constrain(keys, _CACHE_AXES)
+        values = sharding.constrain(values, _CACHE_AXES)
+    qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: query heads grouped by their kv head
+    logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys.astype(dt), preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / math.sqrt(h))
+    mask = attention_mask(positions, segments, key_pos, key_seg)[:, :, None]  # [B, 1, 1, T, S]
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(dt)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values.astype(dt)).reshape(b, t, n, h)
+    out = sharding.constrain(out, ("batch", "length", "act_heads", None))
+    return jnp.einsum("BTNH,NHD->BTD", out, attn.wo[...].astype(dt)), (keys, values)
+
+
+def _first_true(cond, fallback):
+    """Index of the first True along the last axis of cond [B, M]; `fallback` [B] where none is."""
+    m = cond.shape[-1]
+    first = jnp.min(jnp.where(cond, jnp.arange(m, dtype=jnp.int32), m), axis=-1)
+    return jnp.where(first < m, first, fallback)
+
+
+def _last_true(cond):
+    return jnp.max(jnp.where(cond, jnp.arange(cond.shape[-1], dtype=jnp.int32), 0), axis=-1)
+
+
+def _draw(weights, u, block: int = 64):
+    """Inverse-CDF draw of one index per row from unnormalised weights [B, V] >= 0 (some > 0).
+
+    u [B] uniform in [0, 1). Two levels (blocks of `block`, then within the chosen block) so a
+    draw costs one pass over V instead of V random numbers (Gumbel-max) or a V-long scan.
+    Never returns an index of weight 0, whatever the rounding.
+    """
+    b, v = weights.shape
+    nb = -(-v // block)
+    w = jnp.pad(weights, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    block_mass = jnp.sum(w, axis=-1)  # [B, nb]
+    cum = jnp.cumsum(block_mass, axis=-1)
+    target = u * cum[:, -1]
+    live = block_mass > 0
+    j = _first_true((cum > target[:, None]) & live, _last_true(live))  # [B]
+    before = jnp.where(j > 0, jnp.take_along_axis(cum, jnp.maximum(j - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(w, j[:, None, None], axis=1)[:, 0]  # [B, block]
+    inner_live = inner > 0
+    i = _first_true((jnp.cumsum(inner, axis=-1) > (target - before)[:, None]) & inner_live, _last_true(inner_live))
+    return (j * block + i).astype(jnp.int32)
+
+
+def _nucleus_threshold(weights, top_p):
+    """Smallest weight kept by top-p, per row [B, 1], without sorting V values.
+
+    Top-p keeps the most likely tokens until their mass reaches top_p: the kept set is
+    {w >= tau*} with tau* the largest tau such that sum(w[w >= tau]) >= top_p * sum(w). The mass
+    is monotone in tau, so tau* is found by bisection over the bits of a non-negative float32
+    (ordered like the floats themselves): 32 masked sums instead of a full-vocabulary sort,
+    which on CPU is ~30x slower. Ties with tau* are kept.
+    """
+    target = top_p * jnp.sum(weights, axis=-1, keepdims=True)
+    lo = jnp.zeros(target.shape, jnp.int32)  # tau = 0.0 keeps everything: always valid
+    hi = jax.lax.bitcast_convert_type(jnp.max(weights, axis=-1, keepdims=True), jnp.int32) + 1  # keeps nothing
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        tau = jax.lax.bitcast_convert_type(mid, jnp.float32)
+        ok = jnp.sum(jnp.where(weights >= tau, weights, 0.0), axis=-1, keepdims=True) >= target
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def _sample_token(logits, key, temperature, top_p, *, top_k: int, use_top_p: bool, greedy: bool):
-    """Draw one token per row from logits [B, V]; return (token [B] int32, its log-prob [B])."""
-    scaled = logits / temperature
-    logp = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]: the distribution log-probs refer to
-    if greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    elif top_k:
-        # Draw among the k largest only: Gumbel noise for k values instead of V.
-        vals, idx = jax.lax.top_k(scaled, top_k)  # [B, k] sorted descending
-        if use_top_p:
-            vals = jnp.where(_nucleus(vals, top_p), vals, -jnp.inf)
-        choice = jax.random.categorical(key, vals, axis=-1)  # [B]
-        token = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    else:
-        filtered = scaled
-        if use_top_p:
-            sorted_vals = jax.lax.top_k(scaled, scaled.shape[-1])[0]  # [B, V] descending
-            count = jnp.sum(_nucleus(sorted_vals, top_p), axis=-1, keepdims=True)  # [B, 1] >= 1
-            threshold = jnp.take_along_axis(sorted_vals, count - 1, axis=-1)  # smallest kept value
-            filtered = jnp.where(scaled < threshold, -jnp.inf, scaled)
-        token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    token_logp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-    return token, token_logp
+    """Draw one token per row from logits [B, V]; return (token [B] int32, its log-prob [B]).
 
-
-def _nucleus(sorted_vals, top_p):
-    """Top-p on logits sorted descending [B, K]: a mask of the smallest prefix whose mass reaches p.
-
-    A token is kept when the probability mass strictly before it is below p, so the most likely
-    token is always kept.
+    The log-prob is log_softmax(logits / temperature) at the token, computed the way
+    `jax.nn.log_softmax` does, so a training step's recomputation matches to rounding.
     """
-    probs = jax.nn.softmax(sorted_vals, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    return mass_before < top_p
+    scaled = logits / temperature
+    peak = jnp.max(scaled, axis=-1, keepdims=True)
+    shifted = scaled - peak
+    weights = jnp.exp(shifted)  # [B, V] unnormalised probabilities, max 1
+    log_norm = jnp.log(jnp.sum(weights, axis=-1))
+    if greedy:
+        # argmax as max + first match: XLA's CPU argmax (a variadic reduce) is ~3x slower.
+        token = _first_true(logits == jnp.max(logits, axis=-1, keepdims=True), 0)
+    else:
+        if top_k:
+            kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]  # [B, 1]
+            weights = jnp.where(scaled >= kth, weights, 0.0)
+        if use_top_p:
+            weights = jnp.where(weights >= _nucleus_threshold(weights, top_p), weights, 0.0)
+        token = _draw(weights, jax.random.uniform(key, logits.shape[:1], jnp.float32))
+    token_logp = jnp.take_along_axis(shifted, token[:, None], axis=-1)[:, 0] - log_norm
+    return token, token_logp
 
 
 def _generate_impl(model: Model, params, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_id,
@@ -137,17 +267,20 @@ def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperat
     n = max_new_tokens
     sample = functools.partial(_sample_token, temperature=temperature, top_p=top_p, top_k=top_k,
                                use_top_p=use_top_p, greedy=greedy)
+    decoder = _Decoder(model, params)
     lengths = prompt_lengths.astype(jnp.int32)
 
-    # Prefill: the whole prompt in one forward pass, written to cache slots [0, P).
-    cache = model.init_cache(b, p + n)
-    cache = cache.replace(
-        k=sharding.constrain(cache.k, ("layers", "batch", "length", "kv_heads", "head_dim")),
-        v=sharding.constrain(cache.v, ("layers", "batch", "length", "kv_heads", "head_dim")))
+    # Prefill: the whole prompt in one forward pass; its keys and values fill cache slots [0, P).
     positions, segments = prompt_positions(lengths, p)
-    tokens_in = jnp.where(segments > 0, prompt_tokens, 0)
-    out = model.apply(params, tokens_in, positions, segments, cache=cache, compute_logits=False)
-    logits = _logits_from_hidden(model, params, out.hidden[:, -1:])[:, 0]  # [B, V]
+    hidden, new_kv = decoder.forward(jnp.where(segments > 0, prompt_tokens, 0), positions, segments, None)
+    logits = decoder.logits(hidden[:, -1:])[:, 0]  # [B, V]: only the last prompt token's are needed
+
+    def to_cache(x):  # [B, K, P, H] -> [B, K, P + N, H]; slots P.. stay empty until written
+        x = jnp.pad(x.astype(model.cfg.compute_dtype), ((0, 0), (0, 0), (0, n), (0, 0)))
+        return sharding.constrain(x, _CACHE_AXES)
+
+    cache = _Cache(k=tuple(to_cache(k) for k, _ in new_kv), v=tuple(to_cache(v) for _, v in new_kv),
+                   positions=jnp.pad(positions, ((0, 0), (0, n))), segment_ids=jnp.pad(segments, ((0, 0), (0, n))))
 
     token, logp = sample(logits, jax.random.fold_in(rng, 0))
     ended = token == eos_id
@@ -161,21 +294,25 @@ def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperat
 
     def body(state):
         i, cache, last, tokens, logprobs, mask, ended = state
-        # Feed the token sampled at step i-1 (position length + i - 1); ended rows write segment 0.
+        # Feed the token sampled at step i-1 into slot P + i - 1 at position length + i - 1.
+        # Rows that ended feed segment 0: invisible, and their outputs are discarded.
         seg = (~ended).astype(jnp.int32)[:, None]
         pos = (lengths + i - 1)[:, None]
-        out = model.apply(params, jnp.where(seg > 0, last[:, None], 0), pos, seg, cache=cache)
-        token, logp = sample(out.logits[:, 0], jax.random.fold_in(rng, i))
+        slot = p + i - 1
+        cache = cache._replace(
+            positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, pos, slot, axis=1),
+            segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, seg, slot, axis=1))
+        hidden, kv = decoder.forward(jnp.where(seg > 0, last[:, None], 0), pos, seg, cache, slot)
+        cache = cache._replace(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
+        token, logp = sample(decoder.logits(hidden)[:, 0], jax.random.fold_in(rng, i))
         token = jnp.where(ended, pad_id, token)
         logp = jnp.where(ended, 0.0, logp)
-        live = (~ended).astype(jnp.int32)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, logp, i, axis=1)
-        mask = jax.lax.dynamic_update_index_in_dim(mask, live, i, axis=1)
-        ended = ended | (token == eos_id)
-        return i + 1, out.cache, token, tokens, logprobs, mask, ended
+        mask = jax.lax.dynamic_update_index_in_dim(mask, (~ended).astype(jnp.int32), i, axis=1)
+        return i + 1, cache, token, tokens, logprobs, mask, ended | (token == eos_id)
 
-    state = (jnp.ones((), jnp.int32), out.cache, token, tokens, logprobs, mask, ended)
+    state = (jnp.ones((), jnp.int32), cache, token, tokens, logprobs, mask, ended)
     _, _, _, tokens, logprobs, mask, ended = jax.lax.while_loop(cond, body, state)
     return SampleOutput(tokens=tokens, mask=mask, logprobs=logprobs, lengths=mask.sum(axis=-1, dtype=jnp.int32),
                         ended=ended)

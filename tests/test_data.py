@@ -96,7 +96,7 @@ def test_text_paragraphs_and_whole_file_mode(tmp_path):
     path.write_bytes("\ufeffone\ntwo\n\n\n  three \n \t \nfour\r\nfive\r\n".encode())
     src = DocumentSource(str(path))
     assert list(src) == ["one\ntwo", "  three ", "four\r\nfive"]
-    assert [src.location(i)[1] for i in range(len(src))] == [1, 4, 6]
+    assert [src.location(i)[1] for i in range(len(src))] == [1, 5, 7]
     whole = DocumentSource(str(path), txt_mode="file")
     assert list(whole) == ["one\ntwo\n\n\n  three \n \t \nfour\r\nfive\r\n"]
 
@@ -194,38 +194,35 @@ def test_one_epoch_covers_every_token_exactly_once(corpus, tok):
     _, docs = corpus
     expected = _expected_chunks(docs, tok)
     assert any(len(c) == SEQ_LEN for c in expected)  # the corpus exercises splitting
+    remainders = []
     for batch_size, shuffle in [(4, False), (5, True), (7, False)]:
         batches = list(_lm_iter(corpus, tok, batch_size=batch_size, shuffle=shuffle))
         segments = [s for b in batches for s in _check_batch(b, tok, batch_size)]
         assert collections.Counter(segments) == expected
-        # Rows per batch: all full except the last, completed with all-padding rows.
+        # All batches are full except the last, which is completed with all-padding rows
+        # (segment 0, loss_mask 0: checked by _check_batch) instead of being dropped.
         real_rows = [int((b["segment_ids"].max(axis=1) > 0).sum()) for b in batches]
-        assert all(r == batch_size for r in real_rows[:-1]) and real_rows[-1] >= 1
         n_rows = sum(real_rows)
-        assert len(batches) == -(-n_rows // batch_size)
-        if batch_size == 7:  # 7 does not divide the row count: the padded last batch is there
-            assert n_rows % 7 != 0
+        assert real_rows == [batch_size] * (n_rows // batch_size) + [n_rows % batch_size] * (
+            n_rows % batch_size > 0)
+        remainders.append(n_rows % batch_size)
+    assert any(remainders)  # the padded last batch was exercised
 
 
-def test_documents_reassemble_from_chunks(corpus, tok):
+def test_documents_decode_from_packed_rows(corpus, tok):
     _, docs = corpus
-    it = _lm_iter(corpus, tok, shuffle=False)
-    segments = [s for b in it for s in _check_batch(b, tok)]
-    starts = {}  # document number -> first chunk
-    for s in segments:
-        if s[0] == tok.bos_id:
-            starts[int(tok.decode(s).split(":")[0])] = s
-    assert sorted(starts) == list(range(len(docs)))
-    # A long document's later chunks follow its first in the stream; reassembled, it decodes to
-    # the original text.
-    long_doc = next(i for i, d in enumerate(docs) if len(tok.encode(d)) > 2 * SEQ_LEN)
-    k = segments.index(starts[long_doc])
-    n_chunks = -(-(len(tok.encode(docs[long_doc])) + 2) // SEQ_LEN)
-    rest = [s for s in segments[k + 1:] if s[0] != tok.bos_id][:n_chunks - 1]
-    assert tok.decode([t for s in [starts[long_doc], *rest] for t in s]) == docs[long_doc]
+    whole = {}  # document number -> text, for documents that fit in one row
+    for b in _lm_iter(corpus, tok, shuffle=True):
+        for s in _check_batch(b, tok):
+            if s[0] == tok.bos_id and s[-1] == tok.eos_id:
+                text = tok.decode(s)
+                whole[int(text.split(":")[0])] = text
+    fits = {i for i, d in enumerate(docs) if len(tok.encode(d)) + 2 <= SEQ_LEN}
+    assert len(fits) > 20 and set(whole) == fits
+    assert all(whole[i] == docs[i] for i in fits)
 
 
-def test_split_long_marks_each_chunk_start(tok):
+def test_split_long_marks_each_chunk_start():
     tokens = np.arange(10, 10 + 2 * SEQ_LEN + 5, dtype=np.int32)
     mask = np.ones_like(tokens)
     mask[0] = 0
@@ -238,8 +235,9 @@ def test_split_long_marks_each_chunk_start(tok):
 
 
 def test_mask_matches_the_loss_functions(corpus, tok):
-    """Every target the pipeline marks is one `losses.next_token_targets` trains on, and no other."""
-    losses = pytest.importorskip("jaxlm.losses")
+    """The pipeline marks exactly the targets that `losses.next_token_targets` trains on."""
+    from jaxlm import losses  # imports jax; only this test needs it
+
     batch = next(_lm_iter(corpus, tok, shuffle=True))
     _, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
                                            batch["loss_mask"])
@@ -276,18 +274,20 @@ def test_process_shards_are_disjoint_and_cover_everything(corpus, tok, shuffle):
     shards = [collections.Counter(
         s for b in _lm_iter(corpus, tok, shuffle=shuffle, process_index=i, process_count=3)
         for s in _check_batch(b, tok)) for i in range(3)]
-    for i in range(3):
-        for j in range(i + 1, 3):
-            assert not set(shards[i]) & set(shards[j])  # segments carry unique document numbers
+    # First chunks carry unique document numbers (short tails of long documents may coincide).
+    firsts = [{s for s in shard if s[0] == tok.bos_id} for shard in shards]
+    assert all(firsts) and len(set.union(*firsts)) == sum(map(len, firsts)) == len(docs)
     assert shards[0] + shards[1] + shards[2] == _expected_chunks(docs, tok)
     with pytest.raises(ValueError, match="process_index=3"):
         _lm_iter(corpus, tok, process_index=3, process_count=3)
 
 
-@pytest.mark.parametrize("skip, num_packing_bins", [(0, None), (3, 10), (29, 6), (45, 4)])
+@pytest.mark.parametrize("skip, num_packing_bins", [(0, None), (3, 10), (29, 6), (-2, None)])
 def test_state_round_trips_through_json(corpus, tok, skip, num_packing_bins):
     """Resuming from a JSON-serialised state gives the identical next batches, across epochs."""
     kw = dict(shuffle=True, seed=7, num_epochs=None, num_packing_bins=num_packing_bins)
+    if skip < 0:  # counted from the end of the first epoch: the next batches straddle it
+        skip += len(list(_lm_iter(corpus, tok, **(kw | dict(num_epochs=1)))))
     it = _lm_iter(corpus, tok, **kw)
     for _ in range(skip):
         next(it)
@@ -300,23 +300,21 @@ def test_state_round_trips_through_json(corpus, tok, skip, num_packing_bins):
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_worker_processes_give_the_same_batches(corpus, tok):
-    it = _lm_iter(corpus, tok, shuffle=True, worker_count=2)
+def test_worker_processes_give_the_same_batches_and_resume(corpus, tok):
+    plain = _lm_iter(corpus, tok, shuffle=True)
+    expected = [next(plain) for _ in range(8)]
+    it = _lm_iter(corpus, tok, shuffle=True, worker_count=1)
     try:
-        with_workers = [next(it) for _ in range(6)]
+        got = [next(it) for _ in range(5)]
         state = json.loads(json.dumps(it.get_state()))
     finally:
         it.close()
-    plain = _lm_iter(corpus, tok, shuffle=True)
-    for want, got in zip([next(plain) for _ in range(6)], with_workers):
-        np.testing.assert_array_equal(got["tokens"], want["tokens"])
-    plain.set_state(state)  # worker-side state resumes a plain iterator only with workers too
-    assert isinstance(state, dict)
-
-
-def test_eval_iterator_stops(corpus, tok):
-    it = _lm_iter(corpus, tok)
-    n = sum(1 for _ in it)
-    with pytest.raises(StopIteration):
-        next(it)
-    assert n > 0
+    resumed = _lm_iter(corpus, tok, shuffle=True, worker_count=1)
+    try:
+        resumed.set_state(state)
+        got += [next(resumed) for _ in range(3)]
+    finally:
+        resumed.close()
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(have["tokens"], want["tokens"])
+        np.testing.assert_array_equal(have["segment_ids"], want["segment_ids"])

@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
         weight_decay=0.1, grad_clip=1.0))
     c.train = ml_collections.ConfigDict(dict(
         steps=600, grad_accum=1, seed=0, log_every=25, eval_every=200, eval_batches=8,
-        checkpoint_every=200, keep_checkpoints=3, samples=3))
+        checkpoint_every=200, keep_checkpoints=3, samples=3,
+        crash_after_step=0,  # Testing only: SIGKILL the run right after this step (0 = never).
+    ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     return c

@@ -29,9 +29,9 @@ eval batches: on several hosts, agree on a count (e.g. the minimum) before runni
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
-import functools
 
 from absl import flags
 import grain
@@ -76,9 +76,11 @@ def lm_dataset(
 ) -> grain.IterDataset:
     """The pipeline as a grain `IterDataset` (see the module docstring); iterate it for batches.
 
-    `num_packing_bins` (rows filled at once) defaults to `max(batch_size, 32)`: on short documents
-    32 bins pack ~95% full where 4 bins pack ~90%. `read_threads` threads read and tokenize ahead of
-    packing; `worker_count > 0` moves reading and tokenizing into that many processes instead.
+    `num_packing_bins` (rows filled at once) defaults to `max(batch_size, 32)`: more bins pack
+    tighter (at seq_len=128 on short documents, 32 bins left ~5% padding where 4 left ~10%).
+    `read_threads` threads read and tokenize ahead of packing; `worker_count > 0` moves reading and
+    tokenizing into that many processes (same batches; the state then holds one entry per worker,
+    so resume with the same `worker_count`).
     """
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len=}, {batch_size=}")

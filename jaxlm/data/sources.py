@@ -57,7 +57,7 @@ class _BadRecord(Exception):
 
 
 def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Files matching each glob (sorted per pattern, duplicates removed, order of patterns kept)."""
+    """Absolute paths of the files matching the globs (sorted per pattern, each once)."""
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     paths: dict[str, None] = {}
@@ -69,7 +69,7 @@ def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> l
         for p in matches:
             if os.path.isdir(p):
                 raise DataError("is a directory, expected a file (use a glob such as dir/*.txt)", p)
-            paths[p] = None
+            paths[os.path.abspath(p)] = None
     if not paths:
         raise DataError("no input files given")
     return list(paths)
@@ -83,18 +83,19 @@ def _decode(raw: bytes) -> str:
         raise _BadRecord(f"not valid UTF-8 (byte {e.start} of the line: {bad!r})") from None
 
 
-def text_field_parser(field: str) -> Callable[[Any], str]:
-    """The default JSONL parse: `obj[field]`, which must be a string."""
+class TextField:
+    """The default JSONL parse: `obj[field]`, which must be a string. (A class, so it pickles.)"""
 
-    def parse(obj: Any) -> str:
-        if field not in obj:
-            raise KeyError(f"missing field {field!r}")
-        value = obj[field]
+    def __init__(self, field: str):
+        self.field = field
+
+    def __call__(self, obj: dict) -> str:
+        if self.field not in obj:
+            raise KeyError(f"missing field {self.field!r}")
+        value = obj[self.field]
         if not isinstance(value, str):
-            raise TypeError(f"field {field!r} is {type(value).__name__}, expected a string")
+            raise TypeError(f"field {self.field!r} is {type(value).__name__}, expected a string")
         return value
-
-    return parse
 
 
 class DocumentSource:
@@ -114,7 +115,7 @@ class DocumentSource:
         self.files = expand_paths(patterns)
         self.skip_bad_records = skip_bad_records
         self.txt_mode = txt_mode
-        self._parse = parse or text_field_parser(text_field)
+        self._parse = parse or TextField(text_field)
         self.skipped: dict[str, int] = {}  # file -> number of bad records skipped
 
         file_idx, starts, ends, lines = [], [], [], []

@@ -55,7 +55,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

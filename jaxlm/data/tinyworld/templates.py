@@ -125,14 +125,14 @@ CONTEXT_QUESTIONS = {
     "likes": ("What does {name} like to eat?", "{name} likes {food}.", "food"),
 }
 CONTEXT_FACTS = {
-    # kind of question -> the fact sentence it reads; "{a_}" is the article of the next word
-    "colour": "{name} has {a_} {colour} {obj}.",
-    "who": "{name} has {a_} {colour} {obj}.",
+    # kind of fact: its sentence; "{a_}" is the article of the word after it
+    "has": "{name} has {a_} {colour} {obj}.",
     "where": "{name} is in the {place}.",
     "count": "{name} has {n} {animal}s.",
     "likes": "{name} likes {food}.",
 }
-
+QUESTION_READS = {"colour": "has", "who": "has", "where": "where", "count": "count",
+                  "likes": "likes"}  # the kind of fact each question is about
 # Value pools a slot may take; also the pools of "competing" answers the judge checks for.
 SLOT_POOLS: dict[str, tuple[str, ...]] = {
     "name": W.NAMES, "name2": W.NAMES, "obj": W.OBJECTS, "colour": W.COLOURS,
@@ -178,12 +178,7 @@ def compile_pattern(pattern: str) -> re.Pattern:
 
 _TEMPLATE_RES = tuple((t, compile_pattern(t.prompt)) for t in TEMPLATES)
 _QUESTION_RES = {k: compile_pattern(q) for k, (q, _, _) in CONTEXT_QUESTIONS.items()}
-_FACT_RES = {
-    "has": compile_pattern("{name} has {a_} {colour} {obj}"),
-    "where": compile_pattern("{name} is in the {place}"),
-    "count": compile_pattern("{name} has {n} {animal}s"),
-    "likes": compile_pattern("{name} likes {food}"),
-}
+_FACT_RES = {k: compile_pattern(v.removesuffix(".")) for k, v in CONTEXT_FACTS.items()}
 _CONTEXT_RE = re.compile(r"Context: (?P<context>.+?) Question: (?P<question>[^?]+\?)")
 
 
@@ -263,7 +258,7 @@ def _parse_context(prompt: str) -> Request | None:
     else:
         return None
     question = q.groupdict()
-    fact_kind = {"colour": "has", "who": "has"}.get(kind, kind)
+    fact_kind = QUESTION_READS[kind]
     relevant = [f for k, f in facts if k == fact_kind]
     matches = [f for f in relevant if all(f[s] == v for s, v in question.items())]
     if len(matches) != 1:

@@ -43,33 +43,21 @@ RUDE_WORDS = ("stupid", "dumb", "idiot", "ugly", "lazy", "shut", "hate", "loser"
 # Everything else the templates write. Kept as one literal list so the closed vocabulary is
 # visible in one place; tests/test_tinyworld.py fails when a template writes a word not here.
 FUNCTION_WORDS = tuple("""
-a about after again all also always an and answer answers any are as ask asked asking at away
-back bad bat be because before being best better big bird birds but by bye
-call called calm came can careful carefully class clear complete cook could counted counting cry
-dear did different do does doing done door down
-each eat eating eats end every
-fair far fast feed felt find fine first fix fixed flew foot for friend friends from fun funny
-get gets give gives glad glue go goes good got great
-had hand happy hard has have he help helped helps her here high him his hold home hope how
-i if in into is it its
-just
-keep kind kindly knife know
-last later learn less let like liked likes list little long look looked looking lot lots loud
-made make makes many matter may maybe me mean mean means minus mine more morning must my
-name names near need needs new next nice no not note now numbers
-of off ok on one only or order other our out over
-parts people person play played plays please plus polite politely pull put
-question questions quick quiet
-race ran read real really reason reply response responses reversed rewrite right river rude run
-said same say says see sees share she short should sick side slowly small so some something
-sorry sorted stick still stop story sure swing
-take talk talked teacher tell than thank thanks that the them then there these they thing things
-think this time to today told too took turns two
-under up us use used
-very
-walk walked want wanted was way we well went were what when where which who why will win with
-word words wrote
-yes you your
+a about again all always am an and animal answer any are as ask asked asking at away b back bad bat
+be beat because better big board break broken by call called can class clear colour complete
+context counted cut day dear did do does door down eat end ends even every far fast feed find fine
+first fix fixed food foot for friend from fun gave get gets give gives glad glue go good got had
+happy hard harm harmful has have he help helped helps her here hide his hit hold home hope how hurt
+i idea if in into is it jump kick kicked kind kindly knife know knows later learn less let like
+likes list lives long looking make many may me mean met minus more morning my names near new nice
+no not note now numbers of on one ones or order parts people period person play played please plus
+polite politely push pushed put question questions quiet race ran read request response responses
+reverse reversed rewrite right river rude run sad said sat saw say says scare see sentence share
+she short sick small so some someone something sorry sort sorted steal stick stop sure swing take
+talk talked teacher tell thank that the them then there these they thing things think this throw
+time to today together told too took tree trick tried two under unkind up used wait walk walked
+want wanted was ways we well went were what when where which who why will with words write wrong
+wrote yes you your
 """.split())
 
 
@@ -136,7 +124,7 @@ class World:
     people: tuple[Person, ...]
 
     @classmethod
-    def generate(cls, seed: int, num_people: int = 16) -> World:
+    def generate(cls, seed: int, num_people: int = len(NAMES)) -> World:
         if not 2 <= num_people <= len(NAMES):
             raise ValueError(f"num_people must be in [2, {len(NAMES)}], got {num_people}")
         rng = random.Random(f"tinyworld/world/{seed}")
