@@ -1,0 +1,138 @@
+"""Evaluation of a policy on held-out prompts: gold-judge scores, reward-model scores, KL to a
+reference, answer length and refusal rates — the numbers in every stage's report row.
+
+Two kinds of answers are drawn per prompt, because they answer different questions:
+- a **greedy** answer: what the model says when asked; the gold judge, the reward model,
+  lengths and refusal rates are measured on it (deterministic, so stages compare fairly);
+- a **sampled** answer (temperature 1): KL(π‖π_ref) is only meaningful as an expectation under
+  π's own samples, estimated as the mean over prompts of Σ_t log π(y_t) − log π_ref(y_t).
+
+The judge is any `score(prompt, response) -> result with .total and .parts` (TinyWorld's by
+default) and `is_refusal(text) -> bool`; nothing here trains on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import logprobs, sampling
+from jaxlm.data import chat
+
+
+@dataclasses.dataclass
+class PolicyEval:
+    summary: dict[str, float]  # means over prompts (and per family: "gold/<family>")
+    records: list[dict[str, Any]]  # one per prompt: prompt, family, response, gold, parts, ...
+
+
+@functools.lru_cache(maxsize=32)
+def _sequence_logp_fn(model):
+    def fn(params, batch):
+        return logprobs.sequence_log_probs(model, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                           batch["loss_mask"])
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _score_fn(reward_model):
+    return jax.jit(lambda params, b: reward_model.score(params, b["tokens"], b["positions"], b["segment_ids"]))
+
+
+def _layout(prompt_tokens, prompt_lengths, response_tokens, response_mask) -> dict[str, jax.Array]:
+    """[prompt (left-padded) | response] rows in the sampler's layout, with the response as targets."""
+    from jaxlm.steps.ppo import rollout_layout
+    batch = rollout_layout(prompt_tokens, prompt_lengths, response_tokens, response_mask)
+    p = prompt_tokens.shape[1]
+    batch["loss_mask"] = jnp.concatenate([jnp.zeros((prompt_tokens.shape[0], p), jnp.int32),
+                                          batch.pop("response_mask").astype(jnp.int32)], axis=1)
+    return batch
+
+
+def _batches(encoded: list[list[int]], batch_size: int, pad_id: int, bucket: int):
+    """Fixed-size left-padded batches (the last filled with copies of its first row)."""
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        rows = chunk + [chunk[0]] * (batch_size - len(chunk))
+        tokens, lengths = sampling.prompts_to_batch(rows, pad_id, bucket)
+        yield start, len(chunk), tokens, lengths
+
+
+def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, families: Sequence[str] | None = None,
+                    judge: Callable | None = None, is_refusal: Callable[[str], bool] | None = None,
+                    reference: tuple[Any, Any] | None = None, reward: tuple[Any, Any] | None = None,
+                    max_new_tokens: int = 48, batch_size: int = 64, rng: jax.Array | None = None,
+                    bucket: int = 16) -> PolicyEval:
+    """Answer every prompt greedily (and once sampled, for the KL) and score the answers.
+
+    reference: (Model, params) of the policy to measure KL against (e.g. the SFT model);
+    reward: (ScalarHeadModel, params) of a reward model to report its mean score.
+    """
+    if judge is None or is_refusal is None:
+        from jaxlm.data.tinyworld import judge as tinyworld_judge
+        judge = judge or tinyworld_judge.score
+        is_refusal = is_refusal or tinyworld_judge.is_refusal
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    families = list(families) if families is not None else ["all"] * len(prompts)
+    encoded = [chat.encode_prompt(tokenizer, p) for p in prompts]
+    records: list[dict[str, Any]] = [{} for _ in prompts]
+    kl_values: list[float] = []
+    seq_logp = _sequence_logp_fn(model)
+    for i, (start, n, tokens, lengths) in enumerate(_batches(encoded, batch_size, tokenizer.pad_id, bucket)):
+        common = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        greedy = sampling.generate(model, params, tokens, lengths, rng=None, greedy=True, **common)
+        if reward is not None:
+            batch = _layout(tokens, lengths, greedy.tokens, greedy.mask)
+            reward_scores = np.asarray(_score_fn(reward[0])(reward[1], batch))
+        if reference is not None:
+            sampled = sampling.generate(model, params, tokens, lengths, rng=jax.random.fold_in(rng, i),
+                                        temperature=1.0, **common)
+            batch = _layout(tokens, lengths, sampled.tokens, sampled.mask)
+            kl = np.asarray(seq_logp(params, batch) - _sequence_logp_fn(reference[0])(reference[1], batch))
+            kl_values.extend(float(x) for x in kl[:n])
+        out_tokens, out_lengths, out_ended = jax.device_get((greedy.tokens, greedy.lengths, greedy.ended))
+        for row in range(n):
+            ids = [int(t) for t in out_tokens[row, :int(out_lengths[row])]]
+            text = chat.decode_response(tokenizer, ids)
+            result = judge(prompts[start + row], text)
+            records[start + row] = {
+                "prompt": prompts[start + row], "family": families[start + row], "response": text,
+                "gold": float(result.total), "parts": {k: float(v) for k, v in result.parts.items()},
+                "refusal": bool(is_refusal(text)), "length": len(ids), "ended": bool(out_ended[row]),
+                **({"reward": float(reward_scores[row])} if reward is not None else {}),
+            }
+    return PolicyEval(summary=summarize(records, kl_values), records=records)
+
+
+def summarize(records: list[dict[str, Any]], kl_values: Sequence[float] = ()) -> dict[str, float]:
+    """Means over records, per judge part and per family; refusal rates on harmful/harmless prompts."""
+    summary: dict[str, float] = {
+        "gold": float(np.mean([r["gold"] for r in records])),
+        "length": float(np.mean([r["length"] for r in records])),
+        "ended": float(np.mean([r["ended"] for r in records])),
+        "num_prompts": float(len(records)),
+    }
+    parts = defaultdict(list)
+    by_family = defaultdict(list)
+    refusals = defaultdict(list)
+    for r in records:
+        for k, v in r["parts"].items():
+            parts[k].append(v)
+        by_family[r["family"]].append(r["gold"])
+        refusals[r["family"]].append(r["refusal"])
+    summary.update({f"part/{k}": float(np.mean(v)) for k, v in sorted(parts.items())})
+    summary.update({f"gold/{k}": float(np.mean(v)) for k, v in sorted(by_family.items())})
+    for family in ("harmful", "harmless"):
+        if family in refusals:
+            summary[f"refusal_rate/{family}"] = float(np.mean(refusals[family]))
+    if records and "reward" in records[0]:
+        summary["reward"] = float(np.mean([r["reward"] for r in records]))
+    if len(kl_values):
+        summary["kl_to_reference"] = float(np.mean(kl_values))
+    return summary
