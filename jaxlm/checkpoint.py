@@ -22,6 +22,7 @@ from typing import Any
 import grain.checkpoint as grain_ckpt
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def load_params(path: str, step: int | None = None, *, item: str = "params", sha
     ckpt.close()
     state_dir = os.path.join(directory, str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
-    tree = checkpointer.metadata(state_dir).item_metadata
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
     if item not in tree:
         raise KeyError(f"checkpoint {path} step {step} has no '{item}' (it has {sorted(tree)})")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
