@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm import sharding
@@ -57,6 +58,12 @@ class ModelConfig:
     mlp_dim: int = 0  # 0 = Llama's rule: 8/3 · d_model rounded up to a multiple of 64.
     max_seq_len: int = 2048  # Longest sequence the sampler will cache; RoPE itself has no limit.
     rope_theta: float = 10_000.0  # Llama 2: 1e4; Llama 3: 5e5; Qwen2: 1e6.
+    # RoPE rescaling for long context, as Hugging Face's rope_scaling: 'none', 'linear' or 'llama3' (Llama 3.1+).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # 'llama3' only
+    rope_high_freq_factor: float = 4.0  # 'llama3' only
+    rope_original_max_len: int = 8192  # 'llama3' only: the pretraining context length
     norm_eps: float = 1e-6
     tie_embeddings: bool = False  # Qwen2-0.5B and Llama 3.2 1B tie; most larger models do not.
     qkv_bias: bool = False  # Qwen2 has bias on q/k/v; Llama and Mistral do not.
@@ -75,6 +82,8 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_size} must be even for rotary embeddings")
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(_REMAT_POLICIES)}")
+        if self.rope_scaling not in ("none", "linear", "llama3"):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}; choose none, linear or llama3")
         if self.attention_impl not in ("xla", "cudnn", "auto"):
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose xla, cudnn or auto")
 
@@ -155,14 +164,40 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...]).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """[head_size / 2] float32 inverse frequencies θ^(-2i/H), rescaled as `cfg.rope_scaling` says.
+
+    'linear' divides every frequency by the factor. 'llama3' (Llama 3.1's long-context recipe)
+    keeps wavelengths shorter than original_max_len / high_freq_factor, divides those longer than
+    original_max_len / low_freq_factor by the factor, and interpolates in between with
+    s = (original_max_len / wavelength - low) / (high - low): (1 - s) · f / factor + s · f.
+    Computed in float64 on the host and rounded once, as Hugging Face does.
+    """
+    h = cfg.head_size
+    inv_freq = 1.0 / float(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.float64) / h)
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_len
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelength - low) / (high - low)
+        scaled = np.where(wavelength > old_len / low, inv_freq / factor, inv_freq)
+        medium = (wavelength >= old_len / high) & (wavelength <= old_len / low)
+        inv_freq = np.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, inv_freq=None) -> jax.Array:
     """Rotary embedding in the 'rotate half' layout Hugging Face Llama checkpoints use.
 
     x: [B, T, N, H]; positions: [B, T]. Pairs dimension i with i + H/2 and rotates it by
-    position · theta^(-2i/H), so q·k depends only on the relative position.
+    position · inv_freq[i] (θ^(-2i/H) unless given, e.g. by `rope_frequencies` with scaling),
+    so q·k depends only on the relative position.
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    if inv_freq is None:
+        inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -201,8 +236,9 @@ class Attention(nnx.Module):
         v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        inv_freq = rope_frequencies(cfg)
+        q = apply_rope(q, positions, cfg.rope_theta, inv_freq)
+        k = apply_rope(k, positions, cfg.rope_theta, inv_freq)
 
         impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
         new_kv = None
