@@ -1,0 +1,157 @@
+r"""The main job: the whole life of a language model in one command, with a report.
+
+    python -m experiments.pipeline --workdir=DIR [--config=experiments/configs/pipeline_tiny.py]
+
+make TinyWorld data → train the tokenizer → pretrain → SFT → sample pairs from the SFT model and
+label them with the gold judge → reward model → PPO → DPO → Constitutional AI (supervised phase)
+→ evaluate every model on the same held-out prompts → DIR/report.md (+ report.html, plots/).
+
+Each training stage is its own binary, run as a subprocess in DIR/<stage>/ with its own config
+file (so each can be rerun, inspected and scaled alone); a finished stage leaves DIR/<stage>/DONE.
+Rerunning the pipeline skips finished stages and resumes the interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/pipeline_tiny.py", "Pipeline config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage's run and the report.", required=True)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Pipeline:
+    def __init__(self, cfg, workdir: str):
+        self.cfg, self.dir = cfg, os.path.abspath(workdir)
+        self.stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+        unknown = [s for s in self.stages if not hasattr(self, "stage_" + s)]
+        if unknown:
+            raise app.UsageError(f"--config.stages: unknown stage(s) {unknown}")
+        self.start = time.perf_counter()
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    @property
+    def data_dir(self) -> str:
+        return self.path("data")
+
+    # ---------------------------------------------------------------------------------------------
+    # Running stages
+
+    def run(self):
+        os.makedirs(self.dir, exist_ok=True)
+        timings = self._read_timings()
+        for i, name in enumerate(self.stages, 1):
+            done = self.path(name, "DONE")
+            header = f"[{i}/{len(self.stages)}] {name}"
+            if os.path.exists(done):
+                print(f"{header}: done earlier ({timings.get(name, 0):.0f}s), skipped", flush=True)
+                continue
+            elapsed = time.perf_counter() - self.start
+            print(f"\n{'=' * 80}\n{header}   (pipeline time so far {elapsed / 60:.1f} min)\n{'=' * 80}", flush=True)
+            t0 = time.perf_counter()
+            getattr(self, "stage_" + name)()
+            seconds = time.perf_counter() - t0  # Of this invocation only, when the stage was resumed.
+            timings[name] = seconds
+            self._write_timings(timings)
+            os.makedirs(self.path(name), exist_ok=True)
+            with open(done, "w") as f:
+                json.dump({"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            print(f"{header}: finished in {seconds:.0f}s", flush=True)
+        print(f"\nPipeline finished. Report: {self.path('report.md')}", flush=True)
+
+    def _read_timings(self) -> dict:
+        try:
+            with open(self.path("timings.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+
+    def _write_timings(self, timings: dict):
+        with open(self.path("timings.json"), "w") as f:
+            json.dump(timings, f, indent=2)
+
+    def binary(self, module: str, workdir: str, config: str, *flags: str, extra: str = ""):
+        """Run one stage binary as a subprocess; its progress bar goes straight to the terminal."""
+        cmd = [sys.executable, "-m", module, f"--config={os.path.join(ROOT, config)}", f"--workdir={workdir}",
+               *flags, *shlex.split(extra)]
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        result = subprocess.run(cmd, cwd=ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"stage {module} failed (exit code {result.returncode}); fix the cause and rerun the "
+                             f"same pipeline command: finished stages are skipped and this one resumes.")
+
+    # ---------------------------------------------------------------------------------------------
+    # The stages, in pipeline order
+
+    def stage_data(self):
+        from jaxlm.data.tinyworld import make_all
+        make_all(self.data_dir, seed=self.cfg.seed, **self.cfg.data.to_dict())
+
+    def stage_tokenizer(self):
+        from jaxlm.data.tokenizer import train_tokenizer
+        tok = train_tokenizer([os.path.join(self.data_dir, "corpus_train.jsonl")], self.path("tokenizer", "tokenizer"),
+                              self.cfg.tokenizer_vocab_size)
+        print(f"tokenizer: {tok.vocab_size} pieces -> {self.path('tokenizer', 'tokenizer.model')}")
+
+    def stage_pretrain(self):
+        self.binary("experiments.pretrain", self.path("pretrain"), self.cfg.pretrain.config,
+                    f"--config.data.train_files={self.data_dir}/corpus_train.jsonl",
+                    f"--config.data.valid_files={self.data_dir}/corpus_valid.jsonl",
+                    f"--config.data.tokenizer={self.path('tokenizer', 'tokenizer.model')}",
+                    extra=self.cfg.pretrain.flags)
+
+    def stage_sft(self):
+        self.binary("experiments.sft", self.path("sft"), self.cfg.sft.config, f"--config.init_from={self.path('pretrain')}",
+                    f"--config.data.dir={self.data_dir}", extra=self.cfg.sft.flags)
+
+    def stage_preferences(self):
+        p = self.cfg.preferences
+        cmd = [sys.executable, "-m", "tools.make_preferences", f"--checkpoint={self.path('sft')}",
+               f"--data_dir={self.data_dir}", f"--out={self.path('preferences')}", f"--num_prompts={p.num_prompts}",
+               f"--samples_per_prompt={p.samples_per_prompt}", f"--temperature={p.temperature}",
+               f"--seed={self.cfg.seed}", *shlex.split(p.flags)]
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            raise SystemExit("stage preferences failed; rerun the same pipeline command after fixing the cause")
+
+    def stage_reward(self):
+        self.binary("experiments.reward", self.path("reward"), self.cfg.reward.config,
+                    f"--config.init_from={self.path('sft')}", f"--config.data.dir={self.path('preferences')}",
+                    extra=self.cfg.reward.flags)
+
+    def stage_ppo(self):
+        self.binary("experiments.ppo", self.path("ppo"), self.cfg.ppo.config, f"--config.policy_from={self.path('sft')}",
+                    f"--config.reward_from={self.path('reward')}", f"--config.data.dir={self.data_dir}",
+                    extra=self.cfg.ppo.flags)
+
+    def stage_dpo(self):
+        self.binary("experiments.dpo", self.path("dpo"), self.cfg.dpo.config, f"--config.init_from={self.path('sft')}",
+                    f"--config.data.dir={self.path('preferences')}", extra=self.cfg.dpo.flags)
+
+    def stage_cai(self):
+        self.binary("experiments.cai", self.path("cai"), self.cfg.cai.config, f"--config.init_from={self.path('sft')}",
+                    f"--config.data.dir={self.data_dir}", extra=self.cfg.cai.flags)
+
+    def stage_evaluate(self):
+        from jaxlm import report
+        report.evaluate_and_report(self.dir, self.data_dir, self.cfg.evaluate, self._read_timings())
+
+
+def main(argv):
+    del argv
+    Pipeline(_CONFIG.value, _WORKDIR.value).run()
+
+
+if __name__ == "__main__":
+    app.run(main)

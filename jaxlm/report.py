@@ -1,0 +1,290 @@
+"""The pipeline's report: every model on the same held-out prompts, plots of every stage, examples.
+
+`evaluate_and_report(pipeline_dir, ...)` loads each stage's final policy (base = pretraining,
+SFT, PPO, DPO, CAI — whichever finished), answers the TinyWorld eval prompts and red-team
+prompts with each (`jaxlm.eval.evaluate_policy`: greedy answers, one sampled answer per prompt
+for the KL to SFT), and writes:
+
+    report.md / report.html   the table, the plots, examples side by side, wall time per stage
+    plots/*.png                loss curves, PPO reward and gold score against KL, DPO margins
+    evaluation.json            every answer with its scores, for auditing
+
+Plotting reads only metrics.jsonl files, so it works on any run directory.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+MODELS = (("base", "pretrain"), ("SFT", "sft"), ("PPO", "ppo"), ("DPO", "dpo"), ("CAI", "cai"))
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _finished(pipeline_dir: str, stage: str) -> bool:
+    return os.path.exists(os.path.join(pipeline_dir, stage, "DONE"))
+
+
+def harmful_or_rude(record: dict) -> bool:
+    """A red-team answer that is impolite or goes along with the harm."""
+    parts = record["parts"]
+    return parts.get("polite", 1.0) < 1.0 or parts.get("refuses_harm", 1.0) < 1.0
+
+
+def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str, Any]]:
+    """{model name: {"summary", "records", "redteam"}} for every finished policy stage."""
+    import jax
+
+    from jaxlm import checkpoint, eval as eval_lib
+    from jaxlm.reward_model import ScalarHeadModel
+
+    prompts = _read_jsonl(os.path.join(data_dir, "eval_prompts.jsonl"))
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    redteam = [r["prompt"] for r in _read_jsonl(os.path.join(data_dir, "redteam_prompts.jsonl"))][: cfg.redteam_prompts]
+    reference = reward = None
+    if _finished(pipeline_dir, "sft"):
+        ref_model, ref_params, _ = checkpoint.load_for_inference(os.path.join(pipeline_dir, "sft"))
+        reference = (ref_model, ref_params)
+    if _finished(pipeline_dir, "reward"):
+        rm_params, rm_meta = checkpoint.load_params(os.path.join(pipeline_dir, "reward"))
+        from jaxlm.model import ModelConfig
+        reward = (ScalarHeadModel(ModelConfig(**rm_meta["model"])), rm_params)
+
+    results = {}
+    for name, stage in MODELS:
+        if not _finished(pipeline_dir, stage):
+            continue
+        print(f"evaluating {name} ({stage}) on {len(prompts)} prompts and {len(redteam)} red-team prompts ...",
+              flush=True)
+        model, params, tokenizer = checkpoint.load_for_inference(os.path.join(pipeline_dir, stage))
+        common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, rng=jax.random.PRNGKey(0))
+        main = eval_lib.evaluate_policy(model, params, tokenizer, [p["prompt"] for p in prompts],
+                                        families=[p["family"] for p in prompts], reference=reference, reward=reward,
+                                        **common)
+        red = eval_lib.evaluate_policy(model, params, tokenizer, redteam, families=["redteam"] * len(redteam),
+                                       **common) if redteam else None
+        summary = dict(main.summary)
+        if red is not None:
+            summary["redteam_harmful_or_rude"] = float(np.mean([harmful_or_rude(r) for r in red.records]))
+            summary["redteam_gold"] = red.summary["gold"]
+        results[name] = {"summary": summary, "records": main.records, "redteam": red.records if red else []}
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plot_series(ax, records: list[dict], key: str, label: str | None = None):
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    if points:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label or key)
+        return True
+    return False
+
+
+def make_plots(pipeline_dir: str, out_dir: str) -> list[tuple[str, str]]:
+    """PNG plots of every stage's metrics.jsonl; returns [(title, relative path)]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    plots = []
+
+    def save(fig, name, title):
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        plots.append((title, os.path.relpath(path, pipeline_dir)))
+
+    loss_stages = [("pretrain", ("loss", "eval_loss")), ("sft", ("loss", "eval_loss")),
+                   ("reward", ("loss", "eval_loss", "accuracy", "eval_accuracy")), ("dpo", ("loss", "eval_loss")),
+                   ("cai", ("loss", "eval_loss"))]
+    present = [(s, keys, _read_jsonl(os.path.join(pipeline_dir, s, "metrics.jsonl"))) for s, keys in loss_stages]
+    present = [p for p in present if p[2]]
+    if present:
+        fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
+        for ax, (stage, keys, records) in zip(axes[0], present):
+            for key in keys:
+                _plot_series(ax, records, key)
+            ax.set_title(stage)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        save(fig, "losses.png", "Training curves of each stage")
+
+    ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
+    kl_key = next((k for k in ("kl_k1", "kl", "kl_k3") if any(k in r for r in ppo)), None)
+    if ppo and kl_key:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        rows = [r for r in ppo if kl_key in r]
+        for key, label in (("score", "proxy reward (reward model)"), ("gold_score", "gold judge"),
+                           ("eval_gold", "gold judge (held-out)")):
+            pts = [(r[kl_key], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, marker=".", label=label)
+        ax.set_xlabel(f"KL to SFT ({kl_key}, nats per response)")
+        ax.set_ylabel("score")
+        ax.set_title("PPO: reward vs KL")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "ppo_reward_vs_kl.png", "PPO: proxy reward and gold score against KL to SFT")
+
+    dpo = _read_jsonl(os.path.join(pipeline_dir, "dpo", "metrics.jsonl"))
+    if dpo:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        drew = False
+        for key in ("chosen_reward", "rejected_reward", "margin", "eval_margin", "accuracy", "eval_accuracy"):
+            drew |= _plot_series(ax, dpo, key)
+        if drew:
+            ax.set_xlabel("step")
+            ax.set_title("DPO: implicit rewards and margin")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            save(fig, "dpo_margins.png", "DPO: implicit rewards of chosen and rejected, margin")
+        else:
+            plt.close(fig)
+    return plots
+
+
+# -------------------------------------------------------------------------------------------------
+# The report
+
+
+def _fmt(value, digits=3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def table(results: dict[str, dict]) -> str:
+    columns = [("gold", "gold score"), ("part/correct", "correct"), ("part/polite", "polite"),
+               ("part/well_formed", "well-formed"), ("part/concise", "concise"), ("reward", "RM score"),
+               ("kl_to_reference", "KL to SFT"), ("length", "answer tokens"), ("ended", "ends with EOS"),
+               ("refusal_rate/harmful", "refuses harmful"), ("refusal_rate/harmless", "refuses harmless"),
+               ("redteam_harmful_or_rude", "red-team rude/harmful")]
+    lines = ["| model | " + " | ".join(c[1] for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, r in results.items():
+        s = r["summary"]
+        lines.append(f"| {name} | " + " | ".join(_fmt(s.get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def examples(results: dict[str, dict], n: int) -> str:
+    if not results:
+        return ""
+    first = next(iter(results.values()))["records"]
+    by_family: dict[str, list[int]] = {}
+    for i, r in enumerate(first):
+        by_family.setdefault(r["family"], []).append(i)
+    picks = [idx for i in range(n) for fam, idxs in sorted(by_family.items()) if i < len(idxs)
+             for idx in [idxs[i]]][:n]
+    out = []
+    for i in picks:
+        out.append(f"**{first[i]['family']}**: {first[i]['prompt']}\n")
+        out.append("| model | answer | gold |\n|---|---|---|")
+        for name, r in results.items():
+            rec = r["records"][i]
+            answer = rec["response"].replace("|", "\\|").replace("\n", " ")
+            out.append(f"| {name} | {answer} | {rec['gold']:.2f} |")
+        out.append("")
+    red = [(name, r["redteam"]) for name, r in results.items() if r["redteam"]]
+    if red:
+        out.append("**Red-team prompts**\n")
+        out.append("| prompt | " + " | ".join(name for name, _ in red) + " |\n|---|" + "---|" * len(red))
+        for i in range(min(n, len(red[0][1]))):
+            cells = [rec[i]["response"].replace("|", "\\|").replace("\n", " ") for _, rec in red]
+            out.append(f"| {red[0][1][i]['prompt']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str, float], plots, n_examples: int,
+                 data_summary: dict | None = None) -> str:
+    parts = ["# jaxlm pipeline report", "",
+             "Every model answers the same held-out TinyWorld prompts (greedy decoding). The gold judge "
+             "stands in for human raters and is never a training signal; *RM score* is the reward model's "
+             "normalised score; *KL to SFT* is Σ log π − log π_SFT over one sampled answer per prompt.", "",
+             table(results), ""]
+    rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
+    accs = [r for r in rm if "eval_accuracy" in r]
+    if accs:
+        bayes = next((r.get("bayes_accuracy") for r in reversed(rm) if "bayes_accuracy" in r), None)
+        parts += [f"Reward model held-out accuracy: {accs[-1]['eval_accuracy']:.3f}"
+                  + (f" (Bayes accuracy of the labels: {bayes:.3f})" if bayes else ""), ""]
+    ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
+    if ppo and "kl_k1" in ppo[-1]:
+        last = ppo[-1]
+        parts += [f"PPO final iteration: KL to SFT {last['kl_k1']:.3f} nats (target "
+                  f"{last.get('kl_target', '–')}), β {_fmt(last.get('beta'), 4)}, proxy reward "
+                  f"{_fmt(last.get('score'))}.", ""]
+    for title, path in plots:
+        parts += [f"## {title}", "", f"![{title}]({path})", ""]
+    parts += ["## Answers side by side", "", examples(results, n_examples), ""]
+    if timings:
+        parts += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        parts += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+        parts += [f"| **total** | {sum(timings.values()):.0f} |", ""]
+    text = "\n".join(parts)
+    with open(os.path.join(pipeline_dir, "report.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(pipeline_dir, "report.html"), "w") as f:
+        f.write(_html(text))
+    return text
+
+
+def _html(markdown: str) -> str:
+    """A minimal Markdown → HTML rendering of the report (tables, headings, images, paragraphs)."""
+    body, in_table = [], False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= set("-: ") for c in cells):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            body.append(f'<p><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" + \
+        "\n".join(body) + "</body></html>"
+
+
+def evaluate_and_report(pipeline_dir: str, data_dir: str, cfg, timings: dict[str, float]) -> str:
+    results = evaluate_models(pipeline_dir, data_dir, cfg)
+    with open(os.path.join(pipeline_dir, "evaluation.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plots = make_plots(pipeline_dir, os.path.join(pipeline_dir, "plots"))
+    text = write_report(pipeline_dir, results, timings, plots, cfg.examples)
+    print(table(results), flush=True)
+    return text
