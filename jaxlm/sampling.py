@@ -24,9 +24,16 @@ Design decisions:
   renormalise the recorded log-prob. With `greedy=True` the token is the argmax of the logits and
   its log-prob is reported under the same temperature-scaled distribution.
 - **Filtering order** follows Hugging Face: top-k first, then top-p on the renormalised top-k
-  distribution. Ties at a cut-off are kept (the set can exceed k by exact ties). Top-p with
-  top_k == 0 needs one full-vocabulary sort per step; with top_k > 0 it only sorts the k values.
-- **Randomness** is explicit: the token at step i is drawn with `fold_in(rng, i)`.
+  distribution. Ties at a cut-off are kept (the set can exceed k by exact ties).
+- **Randomness** is explicit: the token at step i is drawn from one uniform per row made with
+  `fold_in(rng, i)` (all N made before the loop, so the loop body runs no PRNG).
+- **Speed** (decode is a batch of matrix-vector products: every step reads all weights and the
+  whole cache). The model's own cached path copies the whole stacked cache several times per
+  step on CPU, so the loop runs the model's layers (`_Decoder`) with its own attention over one
+  cache buffer per layer, updated in place. Sampling never sorts the vocabulary: a token is drawn
+  by a two-level inverse CDF from one uniform, top-p finds its cut-off by bisection, greedy uses
+  max + first match (XLA's CPU argmax is a slow variadic reduce). Prefill computes logits for the
+  last prompt position only.
 - **Sharding.** Pass `mesh` (and shard `params` as in training): prompts are placed with
   `sharding.batch_sharding(mesh)`, the KV cache is constrained to the same logical axes as the
   activations, and the model's `constrain` calls see the mesh while tracing.
@@ -49,7 +56,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxlm import sharding
-from jaxlm.model import Model, apply_rope, attention_mask
+from jaxlm.model import Model, apply_rope, attention_mask, rope_frequencies
 
 __all__ = ["SampleOutput", "generate", "prompts_to_batch", "generate_text", "prompt_positions"]
 
@@ -60,6 +67,7 @@ class SampleOutput(NamedTuple):
     logprobs: jax.Array  # [B, N] float32; log_softmax(logits / temperature)[token], 0 where mask == 0
     lengths: jax.Array  # [B] int32; generated tokens per row, EOS included (= mask.sum(-1))
     ended: jax.Array  # [B] bool; the row emitted EOS
+    num_steps: jax.Array  # [] int32; tokens generated per row before the loop stopped (< N: all rows ended early)
 
 
 def prompt_positions(prompt_lengths: jax.Array, prompt_len: int) -> tuple[jax.Array, jax.Array]:
@@ -136,7 +144,8 @@ class _Decoder:
 def _attention(attn, x, positions, segments, layer_cache):
     """Grouped-query attention of x [B, T, D], alone (prefill) or over a KV cache (decode).
 
-    Same projections, rotary embedding, scale, mask and float32 softmax as `model.Attention`.
+    Same projections, rotary embedding (with the config's scaling), scale, mask and float32
+    softmax as `model.Attention`, which a test checks logit for logit.
     Returns (output [B, T, D], (k, v)): the new tokens' [B, K, T, H] keys and values when there
     is no cache, else the updated cache buffers.
     """
@@ -148,8 +157,9 @@ def _attention(attn, x, positions, segments, layer_cache):
     v = jnp.einsum("BTD,DKH->BTKH", x, attn.wv[...].astype(dt))
     if cfg.qkv_bias:
         q, k, v = q + attn.q_bias[...].astype(dt), k + attn.k_bias[...].astype(dt), v + attn.v_bias[...].astype(dt)
-    q = apply_rope(q, positions, cfg.rope_theta)
-    k = apply_rope(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, H]
+    inv_freq = rope_frequencies(cfg)
+    q = apply_rope(q, positions, cfg.rope_theta, inv_freq)
+    k = apply_rope(k, positions, cfg.rope_theta, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, H]
     v = v.transpose(0, 2, 1, 3)
     if layer_cache is None:
         keys, values, key_pos, key_seg = k, v, positions, segments
@@ -202,32 +212,46 @@ def _draw(weights, u, block: int = 64):
     return (j * block + i).astype(jnp.int32)
 
 
-def _nucleus_threshold(weights, top_p):
-    """Smallest weight kept by top-p, per row [B, 1], without sorting V values.
+def _largest_valid_threshold(weights, valid):
+    """Per row [B, 1]: the largest float32 tau with valid(tau) [B, 1] true, for weights [B, V] in [0, 1].
 
-    Top-p keeps the most likely tokens until their mass reaches top_p: the kept set is
-    {w >= tau*} with tau* the largest tau such that sum(w[w >= tau]) >= top_p * sum(w). The mass
-    is monotone in tau, so tau* is found by bisection over the bits of a non-negative float32
-    (ordered like the floats themselves): 32 masked sums instead of a full-vocabulary sort,
-    which on CPU is ~30x slower. Ties with tau* are kept.
+    `valid` must be monotone (true up to some tau*, false above) and true at 0. Non-negative
+    float32 values are ordered like their int32 bit patterns, so bisection over the bits below
+    bits(1.0) + 1 < 2^30 finds tau* exactly in 30 masked passes over the row: top-k and top-p
+    then need no sort of the vocabulary (XLA's CPU sort and top_k are ~100x slower here).
     """
-    target = top_p * jnp.sum(weights, axis=-1, keepdims=True)
-    lo = jnp.zeros(target.shape, jnp.int32)  # tau = 0.0 keeps everything: always valid
-    hi = jax.lax.bitcast_convert_type(jnp.max(weights, axis=-1, keepdims=True), jnp.int32) + 1  # keeps nothing
+    lo = jnp.zeros((weights.shape[0], 1), jnp.int32)  # tau = 0.0: valid
+    hi = jnp.full_like(lo, jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32) + 1)  # above every weight
 
     def body(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        tau = jax.lax.bitcast_convert_type(mid, jnp.float32)
-        ok = jnp.sum(jnp.where(weights >= tau, weights, 0.0), axis=-1, keepdims=True) >= target
+        ok = valid(jax.lax.bitcast_convert_type(mid, jnp.float32))
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    lo, _ = jax.lax.fori_loop(0, 30, body, (lo, hi))
     return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
-def _sample_token(logits, key, temperature, top_p, *, top_k: int, use_top_p: bool, greedy: bool):
-    """Draw one token per row from logits [B, V]; return (token [B] int32, its log-prob [B]).
+def _top_k_mask(weights, k: int):
+    """weights [B, V] in [0, 1] -> [B, V] bool: the k largest per row (and any exact ties with the k-th)."""
+    tau = _largest_valid_threshold(weights, lambda t: jnp.sum(weights >= t, axis=-1, keepdims=True) >= k)
+    return weights >= tau
+
+
+def _top_p_mask(weights, top_p):
+    """weights [B, V] in [0, 1] -> [B, V] bool: the nucleus, the most likely tokens until their mass reaches top_p.
+
+    A token is kept when the mass of the tokens more likely than it is below top_p, so the kept
+    set is {w >= tau*} with tau* the largest tau where sum(w[w >= tau]) >= top_p * sum(w).
+    """
+    target = top_p * jnp.sum(weights, axis=-1, keepdims=True)
+    mass_above = lambda t: jnp.sum(jnp.where(weights >= t, weights, 0.0), axis=-1, keepdims=True)
+    return weights >= _largest_valid_threshold(weights, lambda t: mass_above(t) >= target)
+
+
+def _sample_token(logits, u, temperature, top_p, *, top_k: int, use_top_p: bool, greedy: bool):
+    """Draw one token per row from logits [B, V] with uniforms u [B]; return (token [B] int32, log-prob [B]).
 
     The log-prob is log_softmax(logits / temperature) at the token, computed the way
     `jax.nn.log_softmax` does, so a training step's recomputation matches to rounding.
@@ -242,11 +266,10 @@ def _sample_token(logits, key, temperature, top_p, *, top_k: int, use_top_p: boo
         token = _first_true(logits == jnp.max(logits, axis=-1, keepdims=True), 0)
     else:
         if top_k:
-            kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]  # [B, 1]
-            weights = jnp.where(scaled >= kth, weights, 0.0)
+            weights = jnp.where(_top_k_mask(weights, top_k), weights, 0.0)
         if use_top_p:
-            weights = jnp.where(weights >= _nucleus_threshold(weights, top_p), weights, 0.0)
-        token = _draw(weights, jax.random.uniform(key, logits.shape[:1], jnp.float32))
+            weights = jnp.where(_top_p_mask(weights, top_p), weights, 0.0)
+        token = _draw(weights, u)
     token_logp = jnp.take_along_axis(shifted, token[:, None], axis=-1)[:, 0] - log_norm
     return token, token_logp
 
@@ -261,6 +284,43 @@ def _generate_impl(model: Model, params, prompt_tokens, prompt_lengths, rng, tem
                                 greedy=greedy)
 
 
+def _prefill(decoder: _Decoder, prompt_tokens, lengths, cache_len: int) -> tuple[jax.Array, _Cache]:
+    """The whole left-padded prompt [B, P] in one forward pass.
+
+    Returns the last prompt token's logits [B, V] and a cache of `cache_len` slots whose first P
+    hold the prompt (pad slots with segment 0) and the rest are empty.
+    """
+    p = prompt_tokens.shape[1]
+    positions, segments = prompt_positions(lengths, p)
+    hidden, kv = decoder.forward(jnp.where(segments > 0, prompt_tokens, 0), positions, segments)
+    logits = decoder.logits(hidden[:, -1:])[:, 0]  # Only the last position's logits are needed.
+    extra = cache_len - p
+
+    def to_cache(x):  # [B, K, P, H] -> [B, K, cache_len, H]
+        x = jnp.pad(x.astype(decoder.cfg.compute_dtype), ((0, 0), (0, 0), (0, extra), (0, 0)))
+        return sharding.constrain(x, _CACHE_AXES)
+
+    cache = _Cache(k=tuple(to_cache(k) for k, _ in kv), v=tuple(to_cache(v) for _, v in kv),
+                   positions=jnp.pad(positions, ((0, 0), (0, extra))),
+                   segment_ids=jnp.pad(segments, ((0, 0), (0, extra))))
+    return logits, cache
+
+
+def _decode_step(decoder: _Decoder, cache: _Cache, tokens, positions, segments, slot) -> tuple[jax.Array, _Cache]:
+    """Feed one token per row (tokens/positions/segments [B]) into cache slot `slot`.
+
+    Returns the next-token logits [B, V] and the updated cache. Rows with segment 0 write an
+    invisible slot; their logits are meaningless.
+    """
+    pos, seg = positions[:, None], segments[:, None]
+    cache = cache._replace(
+        positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, pos, slot, axis=1),
+        segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, seg, slot, axis=1))
+    hidden, kv = decoder.forward(jnp.where(seg > 0, tokens[:, None], 0), pos, seg, cache, slot)
+    cache = cache._replace(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
+    return decoder.logits(hidden)[:, 0], cache
+
+
 def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_id, pad_id, *,
                      max_new_tokens, top_k, use_top_p, greedy):
     b, p = prompt_tokens.shape
@@ -269,20 +329,13 @@ def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperat
                                use_top_p=use_top_p, greedy=greedy)
     decoder = _Decoder(model, params)
     lengths = prompt_lengths.astype(jnp.int32)
+    logits, cache = _prefill(decoder, prompt_tokens, lengths, p + n)
 
-    # Prefill: the whole prompt in one forward pass; its keys and values fill cache slots [0, P).
-    positions, segments = prompt_positions(lengths, p)
-    hidden, new_kv = decoder.forward(jnp.where(segments > 0, prompt_tokens, 0), positions, segments, None)
-    logits = decoder.logits(hidden[:, -1:])[:, 0]  # [B, V]: only the last prompt token's are needed
-
-    def to_cache(x):  # [B, K, P, H] -> [B, K, P + N, H]; slots P.. stay empty until written
-        x = jnp.pad(x.astype(model.cfg.compute_dtype), ((0, 0), (0, 0), (0, n), (0, 0)))
-        return sharding.constrain(x, _CACHE_AXES)
-
-    cache = _Cache(k=tuple(to_cache(k) for k, _ in new_kv), v=tuple(to_cache(v) for _, v in new_kv),
-                   positions=jnp.pad(positions, ((0, 0), (0, n))), segment_ids=jnp.pad(segments, ((0, 0), (0, n))))
-
-    token, logp = sample(logits, jax.random.fold_in(rng, 0))
+    # The draw at step i uses fold_in(rng, i); all N are made up front, outside the loop.
+    uniforms = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (b,), jnp.float32))(
+        jnp.arange(n)) if not greedy else jnp.zeros((n, b), jnp.float32)  # [N, B]
+    uniforms = sharding.constrain(uniforms, (None, "batch"))
+    token, logp = sample(logits, uniforms[0])
     ended = token == eos_id
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)
@@ -294,17 +347,10 @@ def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperat
 
     def body(state):
         i, cache, last, tokens, logprobs, mask, ended = state
-        # Feed the token sampled at step i-1 into slot P + i - 1 at position length + i - 1.
+        # The token sampled at step i-1 goes to slot P + i - 1 at position length + i - 1.
         # Rows that ended feed segment 0: invisible, and their outputs are discarded.
-        seg = (~ended).astype(jnp.int32)[:, None]
-        pos = (lengths + i - 1)[:, None]
-        slot = p + i - 1
-        cache = cache._replace(
-            positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, pos, slot, axis=1),
-            segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, seg, slot, axis=1))
-        hidden, kv = decoder.forward(jnp.where(seg > 0, last[:, None], 0), pos, seg, cache, slot)
-        cache = cache._replace(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv))
-        token, logp = sample(decoder.logits(hidden)[:, 0], jax.random.fold_in(rng, i))
+        logits, cache = _decode_step(decoder, cache, last, lengths + i - 1, (~ended).astype(jnp.int32), p + i - 1)
+        token, logp = sample(logits, uniforms[i])
         token = jnp.where(ended, pad_id, token)
         logp = jnp.where(ended, 0.0, logp)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
@@ -313,9 +359,9 @@ def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperat
         return i + 1, cache, token, tokens, logprobs, mask, ended | (token == eos_id)
 
     state = (jnp.ones((), jnp.int32), cache, token, tokens, logprobs, mask, ended)
-    _, _, _, tokens, logprobs, mask, ended = jax.lax.while_loop(cond, body, state)
+    steps, _, _, tokens, logprobs, mask, ended = jax.lax.while_loop(cond, body, state)
     return SampleOutput(tokens=tokens, mask=mask, logprobs=logprobs, lengths=mask.sum(axis=-1, dtype=jnp.int32),
-                        ended=ended)
+                        ended=ended, num_steps=steps)
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=("model", "max_new_tokens", "top_k", "use_top_p", "greedy",
