@@ -10,6 +10,14 @@ Each checkpoint step directory holds three items:
 Saves are atomic (orbax writes to a temporary directory and renames it), so a run killed with
 SIGKILL leaves either the previous checkpoint or the new one, never half of one. A checkpoint that
 exists but cannot be read is reported and the one before it is used.
+
+Process layout: `state` restores onto any mesh and any number of processes (orbax reads each
+array's saved shards and reassembles them into the target shardings). `data` cannot: process i
+of n reads records i, i+n, ... of the source, so a position in one layout's shards means nothing
+in another's. A checkpoint written by a different number of processes therefore restores its
+state, leaves the iterator where it was, warns, and sets `data_state_restored = False`; the
+binaries then replay the new layout's iterator up to the restored step (see
+experiments/pretrain.py), which puts it exactly where a run with the new layout would be.
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # After a restore with a data iterator: True if its position was restored, False if the
+        # checkpoint was written by a different number of processes (the iterator is untouched).
+        self.data_state_restored: bool | None = None
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -89,20 +100,29 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, *, data_iterator=None) -> tuple[Any, dict]:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        if data_iterator is not None:
-            self._restore_data(step, data_iterator)
+        self.data_state_restored = None if data_iterator is None else self._restore_data(step, data_iterator)
         return restored["state"], restored["meta"] or {}
 
-    def _restore_data(self, step: int, data_iterator):
+    def _restore_data(self, step: int, data_iterator) -> bool:
+        """Restore this process's iterator position; False (and a warning) if the layout changed."""
         index, count = jax.process_index(), jax.process_count()
-        path = os.path.join(self.directory, str(step), "data", f"process_{index}-of-{count}.json")
-        if not os.path.exists(path):
-            saved = sorted(os.listdir(os.path.dirname(path))) if os.path.isdir(os.path.dirname(path)) else []
-            raise FileNotFoundError(
-                f"checkpoint {self.directory}/{step} has no data-iterator state for process {index} of {count} "
-                f"(it holds {saved or 'none'}); was it written with a different number of processes?")
-        self._manager.restore(step, args=ocp.args.Composite(
-            data=grain_ckpt.CheckpointRestore(_IteratorSnapshot(data_iterator))))
+        data_dir = os.path.join(self.directory, str(step), "data")
+        saved = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+        if f"process_{index}-of-{count}.json" in saved:
+            self._manager.restore(step, args=ocp.args.Composite(
+                data=grain_ckpt.CheckpointRestore(_IteratorSnapshot(data_iterator))))
+            return True
+        layouts = {name.rsplit("-of-", 1)[-1].removesuffix(".json") for name in saved if "-of-" in name}
+        if not layouts or str(count) in layouts:  # Missing, or missing this process's file: damaged.
+            raise FileNotFoundError(f"checkpoint {self.directory}/{step} has no data-iterator state for process "
+                                    f"{index} of {count} (it holds {saved or 'none'})")
+        message = (f"checkpoint {self.directory}/{step} was written by {' or '.join(sorted(layouts))} processes, "
+                   f"this run has {count}: the model and optimizer state are restored, but each process's data "
+                   f"position belongs to the old layout's shards and is not restored")
+        log.warning(message)
+        if index == 0:
+            print(f"WARNING: {message}.", flush=True)
+        return False
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

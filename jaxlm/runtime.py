@@ -15,6 +15,7 @@ import sys
 
 import jax
 import ml_collections
+import numpy as np
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
@@ -26,8 +27,10 @@ def start(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> str:
     if not flags.FLAGS["verbosity"].present:  # orbax and grain log every save at INFO.
         logging.set_verbosity(logging.WARNING)
     dist = cfg.get("distributed", ml_collections.ConfigDict())
-    sharding.maybe_initialize_distributed(dist.get("coordinator_address", ""), dist.get("num_processes", 0),
-                                          dist.get("process_id", -1))
+    if sharding.maybe_initialize_distributed(dist.get("coordinator_address", ""), dist.get("num_processes", 0),
+                                             dist.get("process_id", -1)):
+        print(f"Process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
+              f"{jax.default_backend()} devices, {jax.device_count()} in all", flush=True)
     workdir = os.path.abspath(workdir)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -47,17 +50,45 @@ def barrier(name: str):
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """True if `flag` is True on any process. A collective: every process must call it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def host_copy(tree):
+    """Numpy copies of whole arrays on every process's host, also when they are sharded across
+    processes (then an all-gather: every process must call it)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def config_dict(obj) -> dict:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
 
 
 class StopSignal:
     """Turns SIGTERM (preemption, `kill`, SLURM time limit) into a flag the loop checks each step,
-    so the run saves a checkpoint and exits cleanly instead of dying mid-step."""
+    so the run saves a checkpoint and exits cleanly instead of dying mid-step.
 
-    def __init__(self):
+    Several processes get the signal at slightly different steps, and saving is a collective, so
+    `check(step)` is what the loop asks: with one process it is the flag itself; with several,
+    the processes exchange their flags every `sync_every` steps (a tiny all-gather, and a host
+    sync: pick a step the loop syncs at anyway, e.g. its logging interval) and stop together.
+    """
+
+    def __init__(self, sync_every: int = 1):
         self.requested = False
+        self.sync_every = max(1, sync_every)
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def check(self, step: int) -> bool:
+        """Whether every process stops after `step` (call it on every process, every step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return step % self.sync_every == 0 and any_process(self.requested)
 
     def _handle(self, signum, frame):
         self.requested = True

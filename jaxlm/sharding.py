@@ -138,21 +138,34 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
                                  cpu_collectives: str = "gloo") -> bool:
     """Start JAX's multi-controller runtime when this run spans several processes.
 
-    Explicit coordinator flags win; otherwise SLURM (more than one task) and multi-host TPU VMs
-    are detected from their environment and handed to `jax.distributed.initialize()`, which
-    reads the details itself. Returns whether the runtime was initialised. Must run before any
-    other JAX call.
+    Explicit flags win: every process gets the same `coordinator_address` (host:port of process
+    0, reachable from all) and `num_processes`, and its own `process_id`. Otherwise a launcher is
+    detected from its environment and `jax.distributed.initialize()` reads the details itself:
+    SLURM (`srun` with more than one task in the step: one process per task; on GPU nodes JAX
+    gives each task its `SLURM_LOCALID`-th GPU), Open MPI's `mpirun` with more than one rank, and
+    multi-host TPU VMs (`TPU_WORKER_HOSTNAMES` with several hosts).
+    A batch script's own shell step (SLURM_NTASKS > 1 but not launched by srun) stays a single
+    process rather than waiting forever for tasks that do not exist.
+
+    Must run before any other JAX call. Returns whether the runtime was initialised.
+    `cpu_collectives` selects the CPU backend's cross-process collectives (gloo needs nothing
+    installed); accelerators use their own (NCCL, ICI) whatever it says.
     """
     if coordinator_address:
         if num_processes <= 0 or process_id < 0:
             raise ValueError("--coordinator_address needs --num_processes and --process_id")
-        if cpu_collectives:  # Only used by the CPU backend; harmless elsewhere.
+        if cpu_collectives:
             jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return True
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if slurm_tasks > 1 or "," in tpu_hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    env = os.environ
+    slurm_tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    slurm_step = "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env  # What JAX's SLURM detection reads.
+    tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    mpi_ranks = int(env.get("OMPI_COMM_WORLD_SIZE") or 1) if "OMPI_MCA_orte_hnp_uri" in env else 1
+    if (slurm_tasks > 1 and slurm_step) or mpi_ranks > 1 or "," in tpu_hosts or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        if cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         jax.distributed.initialize()
         return True
     return False

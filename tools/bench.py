@@ -1,0 +1,263 @@
+r"""Speed of the real training step (and of decoding): tokens/s, step time, compile time, memory, MFU.
+
+    PYTHONPATH=. python -m tools.bench --shape=cpu_small
+    python -m tools.bench --shape=gpt2_small --dtype=bfloat16 --attention_impl=cudnn --peak_tflops=790
+    python -m tools.bench --shape=llama_1b --mode=decode --batch=1 --dtype=bfloat16 --peak_gbps=4800
+
+Train mode times `jaxlm.steps.lm.make_train_step` (the step pretraining and SFT run) with the real
+AdamW chain from `jaxlm.optim`, jitted with donation exactly as the binaries jit it, on a batch of
+random tokens laid out like the pipeline's: `--docs_per_row=1` one document filling each row,
+more: packed documents (the segment mask at work, as in real pretraining). `--docs_per_row=0`
+times unpacked rows the way nanoGPT feeds them: the model is called with segment_ids=None, its
+plain causal attention path (cuDNN's causal kernel with no bias), while the loss still reads the
+all-ones segment ids; for such rows both paths compute the same function.
+
+What is measured and how:
+- `compile_s`: `jit(...).lower(...).compile()` wall time (tracing + XLA).
+- `step_ms`: after `--warmup` steps, `--repeats` timed runs of `--steps` steps each, every run
+  ended by `block_until_ready` on the state; the median run's time per step. No host sync
+  happens inside a run (metrics stay on device), as in the binaries between log steps.
+- `tokens_per_s`: batch · seq_len / step time (every position, padding included).
+- `cpu_ms`: this process's CPU time per step (all threads; median run). On a CPU backend it is the
+  step's work, which stays meaningful when other jobs share the cores and wall time does not.
+- `step_mem_gb`: what XLA's buffer assignment reserves for the step on one device (arguments +
+  outputs + temporaries - donated aliases), from `compiled.memory_analysis()`; every backend.
+- `peak_mem_gb`: the device's `memory_stats()["peak_bytes_in_use"]` since the process started
+  (GPU/TPU; CPU reports none).
+- `MFU` (model FLOPs utilisation; PaLM, Chowdhery et al. 2022, appendix B; nanoGPT's
+  `estimate_mfu`)::
+
+      flops_per_token = 6 · N + 12 · L · T · D        MFU = tokens_per_s · flops_per_token / peak
+
+  N counts the weights that multiply activations: every parameter except the input embedding
+  table (a gather, no FLOPs); the output projection counts once, whether or not it is tied to
+  the embedding (nanoGPT's count: it drops only position embeddings, its token embedding being
+  the tied output head). 6·N is forward (2) plus backward (4) FLOPs per weight; 12·L·T·D is
+  attention's QKᵀ and AV over the full T×T square (the convention counts causal attention as if
+  unmasked). Recomputation (remat) is not model FLOPs and does not raise MFU. `--peak_tflops` is
+  the device's dense peak for the compute dtype (H100/H200 bf16: the spec sheet figure; this
+  project's GPU target uses 790); without it only achieved TFLOP/s is printed.
+
+Decode mode calls `tools.bench_decode.bench_decode` (prefill + sampled tokens through
+`jaxlm.sampling.generate`) and prints generated tokens/s and the memory bandwidth a decode step
+achieves; `--peak_gbps` gives the roofline fraction.
+
+Only jax, flax, optax, numpy and absl are imported on this path (no grain, orbax, tensorboardX or
+ml_collections), so the tool runs on a bare accelerator box with `PYTHONPATH=.`. This module
+keeps its flags in its own `FlagValues`: `tools.bench_decode` defines `--batch` etc. in absl's
+global flags, and both tools must be importable together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import flags
+
+from jaxlm import optim, sharding
+from jaxlm.model import Model, ModelConfig
+from jaxlm.steps import lm
+from jaxlm.train_state import create_train_state
+
+# Named shapes: ModelConfig fields plus the default batch and seq_len of a benchmark run.
+SHAPES: dict[str, dict] = {
+    # experiments/configs/pretrain_tiny.py (vocab: a 1024-piece tokenizer rounded up to 128).
+    "tiny": dict(model=dict(vocab_size=1024, num_layers=4, d_model=128, num_heads=4, num_kv_heads=2,
+                            tie_embeddings=True, scan_unroll=4), batch=32, seq_len=128),
+    # The CPU comparison with nanoGPT's PyTorch step (same width, depth, heads, vocab and batch).
+    "cpu_small": dict(model=dict(vocab_size=4096, num_layers=4, d_model=256, num_heads=4, tie_embeddings=True,
+                                 scan_unroll=4), batch=8, seq_len=256),
+    # GPT-2 124M as nanoGPT trains it (SwiGLU at 8/3·D has the GELU MLP's 8·D² weights per layer).
+    "gpt2_small": dict(model=dict(vocab_size=50304, num_layers=12, d_model=768, num_heads=12, tie_embeddings=True),
+                       batch=12, seq_len=1024),
+    "gpt2_medium_24": dict(model=dict(vocab_size=50304, num_layers=24, d_model=1024, num_heads=16,
+                                      tie_embeddings=True), batch=12, seq_len=1024),
+    # Llama 3.2 1B's shape, for decoding (tied embeddings, GQA 32/8, rope theta 5e5).
+    "llama_1b": dict(model=dict(vocab_size=128256, num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8,
+                                mlp_dim=8192, tie_embeddings=True, rope_theta=500_000.0, max_seq_len=4096),
+                     batch=1, seq_len=2048),
+}
+
+
+def shape_config(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a named shape; `overrides` (e.g. dtype='bfloat16') replace fields."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; choose one of {sorted(SHAPES)}")
+    return ModelConfig(**{**SHAPES[name]["model"], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """N of the MFU formula: all parameters but the input embedding; the output head counts once."""
+    return cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, 6·N + 12·L·T·D (see the module docstring)."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_size
+
+
+def mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, peak_tflops: float) -> float:
+    return tokens_per_s * flops_per_token(cfg, seq_len) / (peak_tflops * 1e12)
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab_size: int, docs_per_row: int = 1, seed: int = 0) -> dict:
+    """Random tokens in the pipeline's layout: `docs_per_row` documents of random lengths per row.
+
+    A row's last document ends where the row does (no padding), like a fully packed row.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab_size, (batch, seq_len), dtype=np.int32)
+    segment_ids = np.ones((batch, seq_len), np.int32)
+    positions = np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))
+    if docs_per_row > 1:
+        for b in range(batch):
+            starts = np.sort(rng.choice(np.arange(1, seq_len), docs_per_row - 1, replace=False))
+            for i, s in enumerate(starts):
+                segment_ids[b, s:] = i + 2
+                positions[b, s:] = np.arange(seq_len - s)
+    loss_mask = (positions > 0).astype(np.int32)  # A document's first token is not a target.
+    return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "loss_mask": loss_mask}
+
+
+class _Unsegmented:
+    """The model with segment_ids dropped from `apply`: the plain causal path (docs_per_row=0)."""
+
+    def __init__(self, model: Model):
+        self.model, self.cfg = model, model.cfg
+
+    def apply(self, params, tokens, positions=None, segment_ids=None, **kwargs):
+        return self.model.apply(params, tokens, positions, None, **kwargs)
+
+
+def _peak_memory_gb() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 1e9
+
+
+def bench_train(cfg: ModelConfig, batch: int, seq_len: int, *, steps: int = 10, repeats: int = 5, warmup: int = 2,
+                docs_per_row: int = 1, peak_tflops: float = 0.0, seed: int = 0) -> dict:
+    """Time the jitted LM training step, data-parallel over all devices; a dict of figures."""
+    model = Model(cfg)
+    optimizer, schedule = optim.make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=10_000)
+    mesh = sharding.make_mesh()
+    state, state_sh = create_train_state(model, optimizer, mesh, seed)
+    batch_sh = sharding.batch_sharding(mesh)
+    data = sharding.global_batch(synthetic_batch(batch, seq_len, cfg.vocab_size, max(docs_per_row, 1), seed), mesh)
+    step_model = model if docs_per_row > 0 else _Unsegmented(model)
+    with sharding.use_rules(mesh):
+        step = jax.jit(lm.make_train_step(step_model, optimizer, schedule), in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, None), donate_argnums=0)
+        start = time.perf_counter()
+        compiled = step.lower(state, data).compile()
+        compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    step_mem = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 1e9
+
+    for _ in range(warmup):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(state)
+    loss = float(metrics["loss"]) if warmup else float("nan")
+    run_times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            state, metrics = compiled(state, data)
+        jax.block_until_ready(state)
+        run_times.append((time.perf_counter() - start) / steps)
+        cpu_times.append((time.process_time() - cpu_start) / steps)
+    step_s = statistics.median(run_times)
+    tokens_per_s = batch * seq_len / step_s
+    achieved = tokens_per_s * flops_per_token(cfg, seq_len) / 1e12
+    return {
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "params_m": cfg.num_params() / 1e6,
+        "batch": batch,
+        "seq_len": seq_len,
+        "compile_s": compile_s,
+        "step_ms": 1e3 * step_s,
+        "step_ms_min": 1e3 * min(run_times),
+        "cpu_ms": 1e3 * statistics.median(cpu_times),
+        "tokens_per_s": tokens_per_s,
+        "model_tflops": achieved,
+        "mfu": achieved / peak_tflops if peak_tflops > 0 else None,
+        "step_mem_gb": step_mem,
+        "peak_mem_gb": _peak_memory_gb(),
+        "docs_per_row": docs_per_row,
+        "loss": loss,
+    }
+
+
+def format_train(name: str, cfg: ModelConfig, r: dict) -> str:
+    mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "n/a"
+    step_mem = f"{r['step_mem_gb']:.2f}" if r["step_mem_gb"] is not None else "n/a"
+    return (f"{name}: dtype={cfg.dtype} remat={cfg.remat} attention={cfg.attention_impl} "
+            f"scan_unroll={cfg.scan_unroll} batch={r['batch']} seq_len={r['seq_len']} docs_per_row={r['docs_per_row']} "
+            f"params={r['params_m']:.1f}M "
+            f"backend={r['backend']}x{r['devices']}\n"
+            f"  tokens/s={r['tokens_per_s']:.0f} step_ms={r['step_ms']:.2f} (min {r['step_ms_min']:.2f}) "
+            f"cpu_ms={r['cpu_ms']:.0f} compile_s={r['compile_s']:.1f} step_mem_gb={step_mem} peak_mem_gb={mem} model_tflops={r['model_tflops']:.3f} "
+            f"mfu={mfu_text} loss={r['loss']:.3f}")
+
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("mode", "train", ["train", "decode"], "Time the training step, or generation.", flag_values=FLAGS)
+flags.DEFINE_enum("shape", "cpu_small", sorted(SHAPES), "Named model shape.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 0, "Rows per step (0: the shape's default).", flag_values=FLAGS)
+flags.DEFINE_integer("seq_len", 0, "Tokens per row (0: the shape's default); decode: the prompt length.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "Train: steps per timed run. Decode: new tokens per row.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 5, "Timed runs (the median is reported).", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", flag_values=FLAGS)
+flags.DEFINE_integer("docs_per_row", 1, "Documents per row; 0: unpacked rows on the plain causal path.",
+                     flag_values=FLAGS)
+flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for the compute dtype (0: no MFU).", flag_values=FLAGS)
+flags.DEFINE_float("peak_gbps", 0.0, "Device memory bandwidth in GB/s, for decode (0: no fraction).",
+                   flag_values=FLAGS)
+flags.DEFINE_string("dtype", None, "Compute dtype (default: the shape's, float32).", flag_values=FLAGS)
+flags.DEFINE_string("remat", None, "none, full, dots or dots_no_batch.", flag_values=FLAGS)
+flags.DEFINE_string("attention_impl", None, "xla, cudnn or auto.", flag_values=FLAGS)
+flags.DEFINE_integer("scan_unroll", None, "Layers unrolled per scan iteration.", flag_values=FLAGS)
+flags.DEFINE_integer("cpu_devices", 0, "CPU backend: split the host into this many devices (0: JAX's default, "
+                     "one); the batch is then data-parallel over them.", flag_values=FLAGS)
+
+
+def main(argv: list[str]) -> None:
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
+        return
+    FLAGS(argv)
+    if FLAGS.cpu_devices:  # Before anything initialises a backend.
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    overrides = dict(dtype=FLAGS.dtype, remat=FLAGS.remat, attention_impl=FLAGS.attention_impl,
+                     scan_unroll=FLAGS.scan_unroll)
+    cfg = shape_config(FLAGS.shape, **overrides)
+    batch = FLAGS.batch or SHAPES[FLAGS.shape]["batch"]
+    seq_len = FLAGS.seq_len or SHAPES[FLAGS.shape]["seq_len"]
+    if FLAGS.mode == "decode":
+        from tools.bench_decode import bench_decode
+        prompt_len = FLAGS.seq_len or 128
+        cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, prompt_len + FLAGS.steps))
+        r = bench_decode(cfg, batch, prompt_len, max(FLAGS.steps, 2), greedy=True, repeats=FLAGS.repeats)
+        roofline = f" ({100 * r['gb_per_s'] / FLAGS.peak_gbps:.1f}% of {FLAGS.peak_gbps:.0f})" if FLAGS.peak_gbps else ""
+        print(f"{FLAGS.shape} decode: dtype={cfg.dtype} batch={batch} prompt_len={prompt_len} "
+              f"new_tokens={r['new_tokens']} backend={jax.default_backend()}\n"
+              f"  tokens/s={r['tokens_per_s']:.1f} step_ms={r['step_ms']:.3f} prefill_ms={1e3 * r['prefill_s']:.2f} "
+              f"gb_per_s={r['gb_per_s']:.1f}{roofline} mb_per_step={r['step_mb']:.1f} compile_s={r['compile_s']:.1f}",
+              flush=True)
+        return
+    r = bench_train(cfg, batch, seq_len, steps=FLAGS.steps, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+                    docs_per_row=FLAGS.docs_per_row, peak_tflops=FLAGS.peak_tflops)
+    print(format_train(FLAGS.shape, cfg, r), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
