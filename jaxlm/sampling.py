@@ -468,5 +468,7 @@ def generate_text(model: Model, params, tokenizer: Any, prompts: Sequence[str], 
     texts = []
     for row in range(len(prompts)):
         n = int(lengths[row]) - int(bool(ended[row]))  # Drop the EOS itself.
-        texts.append(tokenizer.decode([int(t) for t in tokens[row, :n]]))
+        # A model's vocabulary may be padded beyond the tokenizer's (to a multiple of 128): an
+        # undertrained model can sample those ids, which have no text.
+        texts.append(tokenizer.decode([int(t) for t in tokens[row, :n] if t < tokenizer.vocab_size]))
     return texts
