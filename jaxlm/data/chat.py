@@ -1,0 +1,192 @@
+"""The chat format: one template for SFT, preferences, prompts and sampling.
+
+A conversation is encoded as
+
+    [BOS] (<|system|> system-text)? (<|user|> user-text <|assistant|> assistant-text [EOS])+
+
+and a prompt for generation as the same thing up to and including the last `<|assistant|>`:
+
+    [BOS] <|user|> prompt-text <|assistant|>          (the model writes the response, then EOS)
+
+The role markers are single tokens of our tokenizer (ids 4, 5, 6; `jaxlm.data.tokenizer`), so
+no text can imitate them by accident and no spacing or newline convention is needed around
+them: marker and text are simply concatenated. Only the assistant closes its turn with EOS,
+because only the assistant's turns are generated; a user turn ends where `<|assistant|>`
+begins. So a sampled response ends at EOS, and `decode_response` stops there.
+
+Loss mask (the pipeline's convention: `loss_mask[t] = 1` means token t is a target, predicted
+from the tokens before it): 1 on every assistant token and on the EOS closing each assistant
+turn; 0 on BOS, markers, system and user text. Multi-turn conversations learn every assistant
+turn. Packing keeps this mask per example (`jaxlm.data.packing`), and the next-token targets
+never cross a segment boundary (`losses.next_token_targets`).
+
+Inputs are either a prompt string (plus a response string) or a list of messages
+`[{"role": "system"|"user"|"assistant", "content": str}, ...]`: an optional system message
+first, then user and assistant turns alternating, starting with the user. Every content must
+be a non-empty string; anything else raises ValueError saying which message is wrong (the data
+pipelines turn that into an error naming the file and line).
+
+Left out on purpose: tool/function-call roles, per-turn "train on this turn" flags, chat
+templates in Jinja (one explicit template in code is easier to check than a template language),
+and a generation prompt for anything but the assistant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+ROLES = (SYSTEM, USER, ASSISTANT)
+MARKERS = {SYSTEM: "<|system|>", USER: "<|user|>", ASSISTANT: "<|assistant|>"}
+
+Messages = list[dict[str, str]]
+
+
+def _marker_ids(tokenizer) -> dict[str, int]:
+    ids = {}
+    for role, piece in MARKERS.items():
+        i = tokenizer.piece_to_id(piece)
+        if i < 0 or i == tokenizer.unk_id or tokenizer.id_to_piece(i) != piece:
+            raise ValueError(f"{tokenizer} has no single token for the role marker {piece!r}; "
+                             "train the tokenizer with jaxlm.data.tokenizer.train_tokenizer")
+        ids[role] = i
+    if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
+        raise ValueError(f"{tokenizer} has no BOS or EOS piece; the chat format needs both")
+    return ids
+
+
+def _check_content(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{where} is {type(value).__name__}, expected a string")
+    if not value.strip():
+        raise ValueError(f"{where} is empty")
+    for marker in MARKERS.values():
+        if marker in value:  # it would encode as the real marker token and fake a turn
+            raise ValueError(f"{where} contains the role marker {marker!r}")
+    return value
+
+
+def to_messages(prompt_or_messages: str | Sequence[Mapping[str, Any]], response: str | None = None) -> Messages:
+    """Validated messages from a prompt string or a message list, plus an optional response.
+
+    Raises ValueError/TypeError naming the bad message: unknown role, empty content, a system
+    message anywhere but first, two turns of the same speaker in a row, no user turn.
+    """
+    if isinstance(prompt_or_messages, str):
+        messages = [{"role": USER, "content": _check_content(prompt_or_messages, "prompt")}]
+    elif isinstance(prompt_or_messages, Sequence):
+        messages = []
+        for i, m in enumerate(prompt_or_messages):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be an object with 'role' and 'content', got {m!r:.80}")
+            if m["role"] not in ROLES:
+                raise ValueError(f"message {i} has role {m['role']!r}; expected one of {ROLES}")
+            messages.append({"role": m["role"], "content": _check_content(m["content"], f"message {i} content")})
+    else:
+        raise TypeError(f"expected a prompt string or a list of messages, got {type(prompt_or_messages).__name__}")
+    if response is not None:
+        messages.append({"role": ASSISTANT, "content": _check_content(response, "response")})
+
+    turns = messages[1:] if messages and messages[0]["role"] == SYSTEM else messages
+    if not turns:
+        raise ValueError("no user message")
+    for i, m in enumerate(turns):
+        expected = USER if i % 2 == 0 else ASSISTANT
+        if m["role"] != expected:
+            offset = len(messages) - len(turns)
+            raise ValueError(f"message {i + offset} is from {m['role']!r} where {expected!r} was expected "
+                             "(an optional system message first, then user and assistant alternating)")
+    return messages
+
+
+def _encode(tokenizer, messages: Messages) -> tuple[list[int], list[int]]:
+    markers = _marker_ids(tokenizer)
+    tokens, mask = [tokenizer.bos_id], [0]
+    for m in messages:
+        content = tokenizer.encode(m["content"])
+        tokens += [markers[m["role"]]] + content
+        if m["role"] == ASSISTANT:
+            tokens.append(tokenizer.eos_id)
+            mask += [0] + [1] * (len(content) + 1)
+        else:
+            mask += [0] * (len(content) + 1)
+    return tokens, mask
+
+
+def encode_example(tokenizer, prompt_or_messages: str | Sequence[Mapping[str, Any]],
+                   response: str | None = None) -> tuple[list[int], list[int]]:
+    """(tokens, loss_mask) of a whole conversation that ends with an assistant turn.
+
+    `encode_example(tok, "What is 2 plus 2?", "2 plus 2 is 4.")` or
+    `encode_example(tok, [{"role": "user", ...}, {"role": "assistant", ...}, ...])`.
+    loss_mask is 1 exactly on assistant tokens and the EOS closing each assistant turn.
+    """
+    messages = to_messages(prompt_or_messages, response)
+    if messages[-1]["role"] != ASSISTANT:
+        raise ValueError("the conversation must end with an assistant message (nothing to learn otherwise)")
+    return _encode(tokenizer, messages)
+
+
+def encode_prompt(tokenizer, prompt_or_messages: str | Sequence[Mapping[str, Any]]) -> list[int]:
+    """Tokens of a generation prompt: the conversation so far, ending with `<|assistant|>`.
+
+    The conversation must end with a user message. encode_prompt(p) + encode(response) + [EOS]
+    is exactly encode_example(p, response)'s tokens.
+    """
+    messages = to_messages(prompt_or_messages)
+    if messages[-1]["role"] != USER:
+        raise ValueError("a prompt must end with a user message (the assistant answers it)")
+    tokens, _ = _encode(tokenizer, messages)
+    return tokens + [_marker_ids(tokenizer)[ASSISTANT]]
+
+
+def decode_response(tokenizer, ids) -> str:
+    """Text of a generated response: the ids up to (not including) the first EOS; pads dropped."""
+    ids = [int(i) for i in ids]
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    # Ids past the tokenizer (a model vocabulary padded to a multiple of 128) have no text.
+    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
+
+
+class Responses(NamedTuple):
+    texts: list[str]  # decoded, up to the first EOS
+    tokens: list[list[int]]  # generated ids, the closing EOS included when the row ended
+    prompt_tokens: list[list[int]]  # encode_prompt of each prompt
+    ended: list[bool]  # the response closed with EOS (False: cut at max_new_tokens)
+
+
+def generate_responses(model, params, tokenizer, prompts: Sequence[str | Sequence[Mapping[str, Any]]], *,
+                       max_new_tokens: int, rng=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       greedy: bool = False, batch_size: int = 64, bucket: int = 16, mesh=None) -> Responses:
+    """Answer each prompt with the chat template: encode_prompt → sampling.generate → decode_response.
+
+    Prompts run in batches of exactly `batch_size` rows (the last one filled up with copies of
+    a prompt and dropped), so a run compiles once per prompt-width bucket. Batch i samples with
+    `fold_in(rng, i)`. Use this, not `sampling.generate_text`, for chat models: generate_text
+    feeds raw text after BOS, without the role markers the model was fine-tuned on.
+    """
+    import jax  # local: the rest of the chat format is plain Python and numpy
+
+    from jaxlm import sampling
+
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    texts, tokens, ended = [], [], []
+    for i, start in enumerate(range(0, len(encoded), batch_size)):
+        chunk = encoded[start:start + batch_size]
+        rows = chunk + [chunk[0]] * (batch_size - len(chunk))
+        prompt_tokens, lengths = sampling.prompts_to_batch(rows, tokenizer.pad_id, bucket)
+        out = sampling.generate(model, params, prompt_tokens, lengths, max_new_tokens=max_new_tokens,
+                                rng=None if rng is None else jax.random.fold_in(rng, i), temperature=temperature,
+                                top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                greedy=greedy, mesh=mesh)
+        out_tokens, out_lengths, out_ended = jax.device_get((out.tokens, out.lengths, out.ended))
+        for row in range(len(chunk)):
+            ids = [int(t) for t in np.asarray(out_tokens[row, :int(out_lengths[row])])]
+            tokens.append(ids)
+            ended.append(bool(out_ended[row]))
+            texts.append(decode_response(tokenizer, ids))
+    return Responses(texts=texts, tokens=tokens, prompt_tokens=encoded, ended=ended)
