@@ -1,0 +1,212 @@
+"""Preference pairs from JSONL, as right-padded batches for reward models and DPO.
+
+Records follow TRL's convention: `{"prompt", "chosen", "rejected"}` plus an optional `label`,
+the probability that `chosen` is preferred (soft labels from AI feedback; absent = 1.0). The
+prompt is a string or a message list ending with a user turn; `chosen` and `rejected` are
+strings (one assistant turn) or message lists continuing the conversation and ending with an
+assistant turn. Each side is encoded with the chat template as prompt + response
+(`jaxlm.data.chat.encode_example`), one sequence per row, padded on the right:
+
+    chosen_tokens, chosen_positions, chosen_segment_ids, chosen_loss_mask      [B, T] int32
+    rejected_tokens, rejected_positions, rejected_segment_ids, rejected_loss_mask
+    label   [B] float32   P(chosen preferred); 1.0 when the record has none
+    weight  [B] float32   1 for a real pair, 0 for a padding row that completes the last batch
+
+`*_loss_mask` covers the response tokens and their EOS (as in SFT), which is what DPO sums
+log-probs over; a reward model reads its score at the last real token (the closing EOS), so
+right padding never changes a score. Segment ids are 1 on real tokens and 0 on padding.
+
+Bad records fail at start-up with their file and line (`DocumentSource` parses every record
+while indexing): empty prompt, chosen or rejected, chosen identical to rejected, a label
+outside [0, 1], or a side longer than `seq_len` (unless `too_long` is 'skip' or 'truncate';
+truncation keeps the first `seq_len` tokens of each side, so the score is read at the cut).
+
+Left out: TRL's implicit-prompt form (full conversations in chosen/rejected with the prompt
+as their common prefix), per-pair margins from rating gaps, and packing (pairs of short
+sequences would pack, but the reward is read per row, and DPO needs both sides aligned).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxlm.data import chat
+from jaxlm.data.sft import check_too_long_policy
+from jaxlm.data.sources import DocumentSource
+
+SIDES = ("chosen", "rejected")
+SIDE_FEATURES = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+def _continuation(value: Any, field: str) -> list[dict]:
+    """A response string as one assistant message; a message list as it is."""
+    if isinstance(value, str):
+        chat._check_content(value, field)
+        return [{"role": chat.ASSISTANT, "content": value}]
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"{field} is an empty list")
+        return value
+    raise TypeError(f"field {field!r} is {type(value).__name__}, expected a string or a list of messages")
+
+
+class PreferenceParser:
+    """JSON object -> {chosen_tokens, chosen_loss_mask, rejected_..., label}, or None if skipped.
+
+    `num_too_long` counts the records with a side over `max_len` (skipped or truncated).
+    """
+
+    def __init__(self, tokenizer, *, max_len: int, too_long: str = "error", prompt_field: str = "prompt",
+                 chosen_field: str = "chosen", rejected_field: str = "rejected", label_field: str = "label"):
+        check_too_long_policy(too_long)
+        self.tokenizer, self.max_len, self.too_long = tokenizer, max_len, too_long
+        self.fields = {"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field}
+        self.label_field = label_field
+        self.num_too_long = 0
+
+    def _label(self, obj: dict) -> float:
+        if self.label_field not in obj or obj[self.label_field] is None:
+            return 1.0
+        label = obj[self.label_field]
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0 \
+                or math.isnan(label):
+            raise ValueError(f"field {self.label_field!r} must be a probability in [0, 1], got {label!r}")
+        return float(label)
+
+    def encode(self, obj: dict) -> dict[str, Any]:
+        for key, field in self.fields.items():
+            if field not in obj:
+                raise KeyError(f"missing field {field!r}")
+        prompt = chat.to_messages(obj[self.fields["prompt"]])
+        if prompt[-1]["role"] != chat.USER:
+            raise ValueError("the prompt must end with a user message")
+        sides = {side: _continuation(obj[self.fields[side]], self.fields[side]) for side in SIDES}
+        if sides["chosen"] == sides["rejected"]:
+            raise ValueError("chosen and rejected are identical")
+        out = {"label": self._label(obj)}
+        for side in SIDES:
+            tokens, loss_mask = chat.encode_example(self.tokenizer, prompt + sides[side])
+            out[f"{side}_tokens"], out[f"{side}_loss_mask"] = tokens, loss_mask
+        return out
+
+    def __call__(self, obj: dict) -> dict[str, Any] | None:
+        record = self.encode(obj)
+        longest = max(len(record[f"{side}_tokens"]) for side in SIDES)
+        if longest > self.max_len:
+            if self.too_long == "error":
+                raise ValueError(f"a side of {longest} tokens is longer than seq_len={self.max_len}; "
+                                 "raise seq_len, or set too_long='skip' or 'truncate'")
+            self.num_too_long += 1
+            if self.too_long == "skip":
+                return None
+        out = {"label": np.float32(record["label"])}
+        for side in SIDES:
+            for key in ("tokens", "loss_mask"):
+                out[f"{side}_{key}"] = np.asarray(record[f"{side}_{key}"][:self.max_len], np.int32)
+        return out
+
+
+class PreferencePairs(DocumentSource):
+    """Tokenized preference pairs (a grain random-access source); `src[i]` is a dict or None.
+
+    `num_too_long`: pairs skipped or truncated by the `too_long` policy; `num_skipped`: bad
+    records dropped with `skip_bad_records=True`.
+    """
+
+    def __init__(self, patterns: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *, seq_len: int,
+                 too_long: str = "error", skip_bad_records: bool = False, prompt_field: str = "prompt",
+                 chosen_field: str = "chosen", rejected_field: str = "rejected", label_field: str = "label"):
+        parser = PreferenceParser(tokenizer, max_len=seq_len, too_long=too_long, prompt_field=prompt_field,
+                                  chosen_field=chosen_field, rejected_field=rejected_field, label_field=label_field)
+        super().__init__(patterns, parse=parser, skip_bad_records=skip_bad_records)
+        self.too_long = too_long
+        self.num_too_long = parser.num_too_long  # counted while indexing: once per record
+
+    def report(self) -> str:
+        parts = []
+        if self.num_skipped:
+            parts.append(f"skipped {self.num_skipped} bad records {self.skipped}")
+        if self.num_too_long:
+            verb = "skipped" if self.too_long == "skip" else "truncated"
+            parts.append(f"{verb} {self.num_too_long} pairs longer than seq_len")
+        return "; ".join(parts)
+
+
+def _is_kept(record) -> bool:
+    return record is not None
+
+
+def pad_side(tokens: np.ndarray, loss_mask: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One right-padded row {tokens, positions, segment_ids, loss_mask} of length seq_len."""
+    n = len(tokens)
+    real = np.arange(seq_len) < n
+    out_tokens = np.full(seq_len, pad_id, np.int32)
+    out_tokens[:n] = tokens
+    out_mask = np.zeros(seq_len, np.int32)
+    out_mask[:n] = loss_mask
+    return {"tokens": out_tokens, "positions": np.where(real, np.arange(seq_len), 0).astype(np.int32),
+            "segment_ids": real.astype(np.int32), "loss_mask": out_mask}
+
+
+class PadPair(grain.transforms.Map):
+    """A parsed pair -> one padded row per side, flattened into `{side}_{feature}` keys."""
+
+    def __init__(self, seq_len: int, pad_id: int):
+        self.seq_len, self.pad_id = seq_len, pad_id
+
+    def map(self, record):
+        out = {"label": np.float32(record["label"]), "weight": np.float32(1.0)}
+        for side in SIDES:
+            row = pad_side(record[f"{side}_tokens"], record[f"{side}_loss_mask"], self.seq_len, self.pad_id)
+            out.update({f"{side}_{k}": v for k, v in row.items()})
+        return out
+
+
+def pad_pair_batch(rows: Sequence[dict], *, batch_size: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Stack rows into a batch of `batch_size`; missing rows are all padding with weight 0."""
+    if not 0 < len(rows) <= batch_size:
+        raise ValueError(f"cannot make a batch of {batch_size} from {len(rows)} rows")
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    missing = batch_size - len(rows)
+    if missing:
+        for k, v in batch.items():
+            fill = pad_id if k.endswith("_tokens") else (1.0 if k == "label" else 0)
+            batch[k] = np.concatenate([v, np.full((missing, *v.shape[1:]), fill, v.dtype)])
+    return batch
+
+
+def preference_dataset(pairs: PreferencePairs, *, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
+                       num_epochs: int | None = None, pad_id: int = 0, process_index: int = 0,
+                       process_count: int = 1, read_threads: int = 2) -> grain.IterDataset:
+    """Batches of preference pairs (module docstring); `batch_size` is per process.
+
+    Evaluation: `shuffle=False, num_epochs=1`; the last batch is completed with weight-0 rows.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    ds = grain.MapDataset.source(pairs)[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(f"process {process_index} of {process_count} gets no records: the source has only "
+                         f"{len(pairs)}")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).filter(_is_kept).map(PadPair(seq_len, pad_id))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    return it.batch(batch_size, batch_fn=functools.partial(pad_pair_batch, batch_size=batch_size, pad_id=pad_id))
+
+
+def make_preference_iterator(pairs: PreferencePairs, **kwargs) -> grain.DatasetIterator:
+    """`iter(preference_dataset(...))`, with `get_state()`/`set_state()` for exact resumption."""
+    return iter(preference_dataset(pairs, **kwargs))
+
+
+def side_batch(batch: dict, side: str) -> dict:
+    """The `{tokens, positions, segment_ids, loss_mask}` of one side of a preference batch."""
+    return {k: batch[f"{side}_{k}"] for k in SIDE_FEATURES}
