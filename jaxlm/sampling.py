@@ -470,5 +470,6 @@ def generate_text(model: Model, params, tokenizer: Any, prompts: Sequence[str], 
         n = int(lengths[row]) - int(bool(ended[row]))  # Drop the EOS itself.
         # A model's vocabulary may be padded beyond the tokenizer's (to a multiple of 128): an
         # undertrained model can sample those ids, which have no text.
-        texts.append(tokenizer.decode([int(t) for t in tokens[row, :n] if t < tokenizer.vocab_size]))
+        limit = getattr(tokenizer, "vocab_size", None) or np.iinfo(np.int32).max
+        texts.append(tokenizer.decode([int(t) for t in tokens[row, :n] if t < limit]))
     return texts

@@ -149,7 +149,8 @@ def decode_response(tokenizer, ids) -> str:
     if tokenizer.eos_id in ids:
         ids = ids[:ids.index(tokenizer.eos_id)]
     # Ids past the tokenizer (a model vocabulary padded to a multiple of 128) have no text.
-    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
+    limit = getattr(tokenizer, "vocab_size", None) or len(ids) + max(ids, default=0) + 1
+    return tokenizer.decode([i for i in ids if i < limit])
 
 
 class Responses(NamedTuple):
