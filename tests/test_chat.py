@@ -152,7 +152,7 @@ def test_packed_and_padded_batches_keep_each_examples_mask(tok, tmp_path):
 
     # The masked LM loss is the same, and counts exactly the assistant tokens and EOS.
     model = Model(ModelConfig(vocab_size=tok.vocab_size, num_layers=1, d_model=32, num_heads=2, num_kv_heads=1))
-    params = model.init(jax.random.PRNGKey(0))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0))
     eval_step = jax.jit(lm.make_eval_step(model))
     totals = {}
     for name, batches in (("packed", packed), ("padded", padded)):

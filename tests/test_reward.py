@@ -50,7 +50,7 @@ def _pair_batch(chosen, rejected, width=12, label=None, weight=None):
 def rm_setup():
     """A small reward model, a zero and a random head, 8 sequences, and jitted steps shared by the tests."""
     rm = ScalarHeadModel(CFG)
-    params = rm.init(jax.random.PRNGKey(0))
+    params = jax.jit(rm.init)(jax.random.PRNGKey(0))
     head = {"kernel": jax.random.normal(jax.random.PRNGKey(1), (CFG.d_model,)), "bias": jnp.float32(0.3)}
     rng = np.random.RandomState(0)
     seqs = [[1] + list(rng.randint(7, 32, rng.randint(3, 11))) + [2] for _ in range(8)]
@@ -129,10 +129,12 @@ def test_learns_a_known_reward_to_near_the_bayes_rate():
     length, words = 10, np.arange(7, 15)
 
     def pairs(n):
-        a, b = rng.choice(words, (n, length)), rng.choice(words, (n, length))
+        """n pairs with different rewards (ties carry no label), chosen by a noisy rater."""
+        a, b = rng.choice(words, (3 * n, length)), rng.choice(words, (3 * n, length))
         r = lambda x: (x == 7).sum(1) - (x == 8).sum(1)
         delta = r(a) - r(b)
-        keep = delta != 0
+        keep = np.flatnonzero(delta != 0)[:n]
+        assert len(keep) == n
         a, b, delta = a[keep], b[keep], delta[keep]
         a_wins = rng.rand(len(delta)) < 1 / (1 + np.exp(-delta))
         chosen, rejected = np.where(a_wins[:, None], a, b), np.where(a_wins[:, None], b, a)
@@ -141,17 +143,17 @@ def test_learns_a_known_reward_to_near_the_bayes_rate():
                 np.mean(1 / (1 + np.exp(-np.abs(delta)))))
 
     rm = ScalarHeadModel(CFG)
-    steps = 150
+    steps = 300
     optimizer, schedule = optim.make_optimizer(learning_rate=3e-3, warmup_steps=20, total_steps=steps, weight_decay=0.0)
-    state = _state(rm.init(jax.random.PRNGKey(0)), optimizer)
+    state = _state(jax.jit(rm.init)(jax.random.PRNGKey(0)), optimizer)
     step = jax.jit(reward.make_train_step(rm, optimizer, schedule), donate_argnums=0)
     for _ in range(steps):
-        c, r, _ = pairs(80)
-        state, _ = step(state, _pair_batch(list(c[:64]), list(r[:64]), width=12))
-    c, r, bayes = pairs(4000)
+        c, r, _ = pairs(64)
+        state, _ = step(state, _pair_batch(list(c), list(r), width=12))
+    c, r, bayes = pairs(4096)
     evaluate = jax.jit(reward.make_eval_step(rm))
     totals = {}
-    for i in range(0, len(c) - 255, 256):
+    for i in range(0, len(c), 256):
         for k, v in evaluate(state.params, _pair_batch(list(c[i:i + 256]), list(r[i:i + 256]), width=12)).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     accuracy = reward.finish_eval(totals)["accuracy"]

@@ -25,7 +25,7 @@ CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_h
 @pytest.fixture(scope="module")
 def model_and_params():
     model = Model(CFG)
-    return model, model.init(jax.random.PRNGKey(0))
+    return model, jax.jit(model.init)(jax.random.PRNGKey(0))
 
 
 def _right_padded(seqs, masks, width):
@@ -115,7 +115,7 @@ def test_sft_learns_the_responses_but_not_the_prompts(tok, tmp_path):
     model = Model(ModelConfig(vocab_size=384, num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, scan_unroll=2))
     steps = 120
     optimizer, schedule = optim.make_optimizer(learning_rate=1e-2, warmup_steps=10, total_steps=steps)
-    params = model.init(jax.random.PRNGKey(0))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                        rng=jax.random.PRNGKey(0))
     batch = next(it)
