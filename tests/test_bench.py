@@ -74,8 +74,8 @@ def test_tool_prints_its_fields_on_the_tiny_shape():
     assert mfu == pytest.approx(100 * tokens_per_s * bench.flops_per_token(cfg, 32) / 0.5e12, rel=0.01, abs=0.05)
     assert abs(loss - np.log(cfg.vocab_size)) < 0.5  # Random init: about ln V.
     assert "tiny: dtype=float32 remat=none attention=xla" in out
-    decode = re.search(r"tiny decode: .* batch=2 prompt_len=8 new_tokens=6 .*\n\s+tokens/s=[\d.]+ step_ms=[\d.]+ "
-                       r"prefill_ms=[\d.]+ gb_per_s=-?[\d.]+ \(-?[\d.]+% of 100\)", out)  # noise can make a step < 0
+    decode = re.search(r"tiny decode: .* batch=2 prompt_len=8 new_tokens=6 .*\n\s+tokens/s=[\d.]+ step_ms=(?:[\d.]+|n/a) "
+                       r"prefill_ms=[\d.]+ gb_per_s=(?:[\d.]+ \([\d.]+% of 100\)|n/a) ", out)  # n/a: steps below noise
     assert decode, out
     assert "heavy modules: []" in out
 

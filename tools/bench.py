@@ -247,11 +247,14 @@ def main(argv: list[str]) -> None:
         prompt_len = FLAGS.seq_len or 128
         cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, prompt_len + FLAGS.steps))
         r = bench_decode(cfg, batch, prompt_len, max(FLAGS.steps, 2), greedy=True, repeats=FLAGS.repeats)
-        roofline = f" ({100 * r['gb_per_s'] / FLAGS.peak_gbps:.1f}% of {FLAGS.peak_gbps:.0f})" if FLAGS.peak_gbps else ""
+        roofline = (f" ({100 * r['gb_per_s'] / FLAGS.peak_gbps:.1f}% of {FLAGS.peak_gbps:.0f})"
+                    if FLAGS.peak_gbps and r["gb_per_s"] else "")
+        step_ms = "n/a" if r["step_ms"] is None else f"{r['step_ms']:.3f}"  # n/a: steps below the timer's noise
+        gb_per_s = "n/a" if r["gb_per_s"] is None else f"{r['gb_per_s']:.1f}"
         print(f"{FLAGS.shape} decode: dtype={cfg.dtype} batch={batch} prompt_len={prompt_len} "
               f"new_tokens={r['new_tokens']} backend={jax.default_backend()}\n"
-              f"  tokens/s={r['tokens_per_s']:.1f} step_ms={r['step_ms']:.3f} prefill_ms={1e3 * r['prefill_s']:.2f} "
-              f"gb_per_s={r['gb_per_s']:.1f}{roofline} mb_per_step={r['step_mb']:.1f} compile_s={r['compile_s']:.1f}",
+              f"  tokens/s={r['tokens_per_s']:.1f} step_ms={step_ms} prefill_ms={1e3 * r['prefill_s']:.2f} "
+              f"gb_per_s={gb_per_s}{roofline} mb_per_step={r['step_mb']:.1f} compile_s={r['compile_s']:.1f}",
               flush=True)
         return
     r = bench_train(cfg, batch, seq_len, steps=FLAGS.steps, repeats=FLAGS.repeats, warmup=FLAGS.warmup,

@@ -16,8 +16,10 @@ What is measured:
   `tokens_per_s_best` uses the fastest run instead, and `cpu_s` is process CPU time per call
   (on a shared machine, compare these too).
 - `prefill_s`: median of `generate(max_new_tokens=1)` (prefill and one sampled token).
-- `step_ms`: (total_s - prefill_s) / (new_tokens - 1): one decode step (forward of one token per
-  row and sampling).
+- `step_ms`: one decode step (forward of one token per row and sampling): the median over repeats
+  of (full call - prefill call) / (new_tokens - 1), the two calls timed back to back so that a
+  busy host slows both alike. `None` (printed `n/a`) when the steps are below the timer's noise
+  (the difference is not positive): time more `new_tokens`.
 - `gb_per_s`: bytes a decode step must read / step time. Bytes = every weight once (the embedding
   table counts only the B rows gathered, unless tied with the output head) + the whole
   preallocated KV cache (K and V, all layers, all P + N slots: XLA reads every slot and masks).
@@ -85,7 +87,15 @@ def bench_decode(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens
     first_prefill, prefill_times, _ = _timed(run(1), repeats)
     first_total, total_times, cpu_s = _timed(run(new_tokens), repeats)
     prefill_s, total_s = statistics.median(prefill_times), statistics.median(total_times)
-    step_s = (total_s - prefill_s) / (new_tokens - 1)
+    step_diffs = []
+    for _ in range(repeats):  # Paired: the prefill-only call, then the full one, back to back.
+        start = time.perf_counter()
+        jax.block_until_ready(run(1)())
+        middle = time.perf_counter()
+        jax.block_until_ready(run(new_tokens)())
+        step_diffs.append((time.perf_counter() - middle) - (middle - start))
+    step_s = statistics.median(step_diffs) / (new_tokens - 1)
+    step_s = step_s if step_s > 0 else None  # Below the timer's noise: say so rather than print nonsense.
     step_bytes = decode_step_bytes(model_cfg, batch, prompt_len + new_tokens)
     return {
         "batch": batch,
@@ -94,11 +104,11 @@ def bench_decode(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens
         "compile_s": (first_prefill - prefill_s) + (first_total - total_s),
         "total_s": total_s,
         "prefill_s": prefill_s,
-        "step_ms": 1e3 * step_s,
+        "step_ms": 1e3 * step_s if step_s else None,
         "tokens_per_s": batch * new_tokens / total_s,
         "tokens_per_s_best": batch * new_tokens / min(total_times),  # fastest run: less exposed to a busy host
         "cpu_s": cpu_s,  # process CPU seconds per generate call (all threads)
-        "gb_per_s": step_bytes / step_s / 1e9,
+        "gb_per_s": step_bytes / step_s / 1e9 if step_s else None,
         "step_mb": step_bytes / 1e6,
     }
 
@@ -157,6 +167,11 @@ flags.DEFINE_bool("hf_baseline", False, "Also time Hugging Face generate (needs 
 flags.DEFINE_integer("hf_threads", 0, "torch.set_num_threads for the baseline (0 = torch's default).")
 
 
+def _fmt(value: float | None, width: int, digits: int) -> str:
+    """A right-aligned figure, or `n/a` where the measurement was below the timer's noise."""
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
 def main(argv):
     del argv
     cfg = ModelConfig(vocab_size=FLAGS.vocab_size, num_layers=FLAGS.num_layers, d_model=FLAGS.d_model,
@@ -178,8 +193,8 @@ def main(argv):
                          top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy, repeats=FLAGS.repeats,
                          model=model, params=params)
         line = (f"{r['batch']:>5} {r['prompt_len']:>6} {r['new_tokens']:>4} {r['tokens_per_s']:>9.0f} "
-                f"{r['tokens_per_s_best']:>7.0f} {r['step_ms']:>8.3f} {1e3 * r['prefill_s']:>10.2f} "
-                f"{r['gb_per_s']:>6.1f} {r['step_mb']:>8.1f} {r['cpu_s']:>6.2f} {r['compile_s']:>9.2f}")
+                f"{r['tokens_per_s_best']:>7.0f} {_fmt(r['step_ms'], 8, 3)} {1e3 * r['prefill_s']:>10.2f} "
+                f"{_fmt(r['gb_per_s'], 6, 1)} {r['step_mb']:>8.1f} {r['cpu_s']:>6.2f} {r['compile_s']:>9.2f}")
         if FLAGS.hf_baseline:
             hf = bench_hf_generate(cfg, int(b), FLAGS.prompt_len, FLAGS.new_tokens, greedy=FLAGS.greedy,
                                    repeats=FLAGS.repeats, threads=FLAGS.hf_threads)

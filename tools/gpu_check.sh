@@ -145,6 +145,8 @@ def decode():
     # bf16 weights, so every byte counted below is a byte a decode step must read.
     params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), model.init(jax.random.PRNGKey(0)))
     r = bench_decode(cfg, 1, prompt, new, greedy=True, repeats=3, model=model, params=params)
+    if r["step_ms"] is None:
+        raise RuntimeError("decode steps were below the timer's noise; time more new tokens")
     itemsize = cfg.compute_dtype.itemsize
     weights = itemsize * (cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model)
     kv = 2 * cfg.num_layers * (prompt + new) * cfg.kv_heads * cfg.head_size * itemsize
