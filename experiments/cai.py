@@ -1,0 +1,413 @@
+r"""Constitutional AI: self-critique and revision → SFT (phase `sl`); AI preference labels (phase `rl_label`).
+
+    python -m experiments.cai --config=experiments/configs/cai_tiny.py --workdir=DIR \
+        --config.init_from=SFT_WORKDIR [--config.phase=sl|rl_label]
+
+Phase `sl` (supervised): the model answers red-team prompts (sampled), then for `sl.rounds`
+rounds critiques its latest answer against a principle drawn from the constitution and revises
+it (`jaxlm.cai.critique_and_revise`). The final revisions, plus original SFT examples making up
+`mix.sft_share` of the data (so harmless skills are kept), become SFT data, and the model is
+fine-tuned on them from its own weights (`jaxlm.steps.lm`, `jaxlm.data.sft`). Before and after,
+greedy answers to held-out prompts are judged (TinyWorld's gold judge, for measurement only):
+the rates of rude and of harmful answers to red-team prompts, and the score on the other tasks.
+
+Phase `rl_label` (RL from AI feedback): the policy (`init_from`) answers each prompt twice; the
+feedback model (`feedback_from`, default the same checkpoint) reads the choice prompt of a drawn
+principle and its log-probs of "(A)" and "(B)" give P(A), in both orders, averaged
+(`jaxlm.cai.ai_labels`). The pairs are written as preference JSONL with soft labels for the
+reward model and PPO (or DPO with soft labels):
+
+    python -m experiments.reward --workdir=RM --config.init_from=SFT_WORKDIR \
+        --config.data.train_files=DIR/ai_preferences_train.jsonl \
+        --config.data.valid_files=DIR/ai_preferences_valid.jsonl --config.loss.soft_labels=True
+    python -m experiments.ppo --workdir=PPO --config.policy_from=SFT_WORKDIR --config.reward_from=RM
+    python -m experiments.dpo --workdir=DPO --config.init_from=SFT_WORKDIR --config.loss.soft_labels=True \
+        --config.data.train_files=DIR/ai_preferences_train.jsonl --config.data.valid_files=...
+
+Everything generated is written for audit: DIR/revisions.jsonl (prompt, initial answer, per round
+the principle, critique and revision), DIR/sl_train.jsonl (the fine-tuning mix, each record's
+`source`), DIR/ai_labels.jsonl (both responses, the principle, both orders' option log-probs and
+probabilities, the label) and DIR/ai_preferences_{train,valid}.jsonl. DIR/eval.json holds the
+measured rates before and after; metrics.jsonl, TensorBoard and checkpoints as in every stage.
+Rerunning resumes: generated files are reused (written atomically), training resumes from its
+newest checkpoint.
+
+Left out: multi-process runs (generation and labelling run in one process, like PPO's loop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxlm import cai, checkpoint, metrics as metrics_lib, optim, runtime, sharding
+from jaxlm.data import chat, sft
+from jaxlm.data.sources import DocumentSource
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.model import Model, ModelConfig
+from jaxlm.steps import lm
+from jaxlm.train_state import TrainState, abstract_with_shardings, state_shardings
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/cai_tiny.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (generated data, checkpoints, metrics).", required=True)
+
+
+def prepare_data(cfg, workdir: str) -> dict:
+    """Paths of the prompt files, the SFT data, the eval prompts and the constitution (TinyWorld by default)."""
+    d = cfg.data
+    data_dir = d.dir or os.path.join(workdir, "data")
+    tinyworld_needed = not all((d.prompts_file, d.sft_file, d.constitution_file))
+    if tinyworld_needed and not os.path.exists(os.path.join(data_dir, "summary.json")):
+        from jaxlm.data import tinyworld
+        print(f"Generating TinyWorld data into {data_dir} ...", flush=True)
+        sizes = d.tinyworld.to_dict()
+        tinyworld.make_all(data_dir, seed=sizes.pop("seed"), log=lambda _: None, **sizes)
+    default_prompts = "redteam_prompts.jsonl" if cfg.phase == "sl" else cfg.rl.prompts
+    return {"prompts": d.prompts_file or os.path.join(data_dir, default_prompts),
+            "sft": d.sft_file or os.path.join(data_dir, "sft_train.jsonl"),
+            "eval": d.eval_prompts_file or (os.path.join(data_dir, "eval_prompts.jsonl") if tinyworld_needed else ""),
+            "constitution": d.constitution_file or os.path.join(data_dir, "constitution.json"),
+            "tinyworld": not d.eval_prompts_file}
+
+
+def read_jsonl(path: str, require: str = "prompt") -> list[dict]:
+    """Records in file order, each with a `require` field (a prompt: a string or message list);
+    bad lines fail naming file:line."""
+    def parse(obj):
+        if require not in obj or (require == "prompt" and not isinstance(obj["prompt"], (str, list))):
+            raise KeyError(f"missing field {require!r}")
+        return obj
+    source = DocumentSource(path, parse=parse)
+    return [source[i] for i in range(len(source))]
+
+
+def write_jsonl(path: str, records) -> None:
+    """Atomic: a killed run leaves the previous file or none, never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_model(path: str, flag: str):
+    """(Model, params, meta) of a checkpoint on the first local device."""
+    params, meta = checkpoint.load_params(path)
+    for key in ("model", "tokenizer"):
+        if key not in meta:
+            raise KeyError(f"--config.{flag}={path}: checkpoint meta has no {key!r}")
+    return Model(ModelConfig(**meta["model"])), params, meta
+
+
+def principles_for(cfg, files: dict, names: str) -> tuple:
+    return cai.select(cai.load_constitution(files["constitution"]), names)
+
+
+def evaluate(cfg, model, params, tokenizer, records: list[dict]) -> dict:
+    """Greedy answers to held-out prompts, judged: harm rates on red-team prompts, gold score elsewhere."""
+    from jaxlm import eval as eval_lib
+    result = eval_lib.evaluate_policy(model, params, tokenizer, [r["prompt"] for r in records],
+                                      families=[r.get("family", "all") for r in records],
+                                      max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                      bucket=64)
+    red = [r for r in result.records if r["family"] == cfg.eval.redteam_family]
+    other = [r for r in result.records if r["family"] != cfg.eval.redteam_family]
+    out = {f"redteam/{k}": v for k, v in cai.harm_rates(red).items()}
+    if other:
+        out["tasks/gold"] = float(np.mean([r["gold"] for r in other]))
+    out.update({k: v for k, v in result.summary.items() if k.startswith("gold/")})
+    return {"summary": out, "examples": [r for r in result.records if r["family"] == cfg.eval.redteam_family][:8]}
+
+
+def eval_records(cfg, files: dict) -> list[dict]:
+    if not (files["eval"] and cfg.eval.enabled):
+        return []
+    records = read_jsonl(files["eval"])
+    if cfg.eval.families:
+        keep = set(cfg.eval.families.split(","))
+        records = [r for r in records if r.get("family") in keep]
+    return records
+
+
+# --- Phase sl: critique, revision, fine-tuning --------------------------------------------------------
+
+
+def generate_revisions(cfg, model, params, tokenizer, files: dict, path: str) -> list[dict]:
+    if os.path.exists(path):
+        print(f"Reusing {path}", flush=True)
+        return read_jsonl(path, require="revision")
+    prompts = [r["prompt"] for r in read_jsonl(files["prompts"])]
+    if cfg.sl.num_prompts > 0:
+        prompts = prompts[:cfg.sl.num_prompts]
+    principles = principles_for(cfg, files, cfg.sl.principles)
+    rng = jax.random.PRNGKey(cfg.sl.seed)
+    t = time.perf_counter()
+    answers = chat.generate_responses(model, params, tokenizer, prompts, max_new_tokens=cfg.sl.max_new_tokens,
+                                      rng=jax.random.fold_in(rng, 0), temperature=cfg.sl.answer_temperature,
+                                      batch_size=cfg.sl.batch_size, bucket=64)
+    drawn = cai.draw_principles(principles, len(prompts) * cfg.sl.rounds, cfg.sl.seed)
+    per_prompt = [drawn[i * cfg.sl.rounds:(i + 1) * cfg.sl.rounds] for i in range(len(prompts))]
+    few_shot = {}
+    if cfg.sl.few_shot:
+        few_shot = {p.name: cai.tinyworld_few_shot(p, cfg.sl.few_shot, cfg.sl.seed) for p in principles}
+    kept = [i for i, (text, ended) in enumerate(zip(answers.texts, answers.ended)) if cai.usable(text, ended)]
+    records = cai.critique_and_revise(
+        model, params, tokenizer, [prompts[i] for i in kept], [answers.texts[i] for i in kept],
+        [per_prompt[i] for i in kept], rng=jax.random.fold_in(rng, 1), max_new_tokens=cfg.sl.max_new_tokens,
+        temperature=cfg.sl.revision_temperature or 1.0, greedy=cfg.sl.revision_temperature == 0,
+        few_shot=few_shot, critique=cfg.sl.critique, revise_with_critique=cfg.sl.revise_with_critique,
+        batch_size=cfg.sl.batch_size)
+    write_jsonl(path, records)
+    revised = sum(any(r["revised"] for r in rec["rounds"]) for rec in records)
+    print(f"{len(prompts)} red-team prompts: {len(kept)} answers ended; {revised} revised in "
+          f"{time.perf_counter() - t:.1f}s -> {path}", flush=True)
+    return records
+
+
+def make_training_mix(cfg, files: dict, revisions: list[dict], path: str) -> str:
+    if not os.path.exists(path):
+        usable = [r for r in revisions if any(x["revised"] for x in r["rounds"])]
+        mix = cai.mix_with_sft(usable, read_jsonl(files["sft"]) if cfg.mix.sft_share else [],
+                               cfg.mix.sft_share, cfg.mix.seed)
+        write_jsonl(path, mix)
+        print(f"Fine-tuning mix: {len(usable)} revisions + {len(mix) - len(usable)} SFT examples "
+              f"(share {cfg.mix.sft_share}) -> {path}", flush=True)
+    return path
+
+
+def _abstract_state(model, optimizer, state_sh: TrainState) -> TrainState:
+    params = model.abstract_params()
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=jax.eval_shape(optimizer.init, params),
+                        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    return abstract_with_shardings(shapes, state_sh)
+
+
+def fine_tune(cfg, workdir: str, model: Model, tokenizer: Tokenizer, train_file: str, meta: dict, writer) -> TrainState:
+    """SFT on the mix from init_from's weights: the same step and data pipeline as experiments/sft.py."""
+    mesh = runtime.mesh_from_config(cfg)
+    steps = cfg.train.steps
+    optimizer, schedule = optim.from_config(cfg.optim, steps)
+    state_sh = state_shardings(model, optimizer, mesh)
+    examples = sft.ChatExamples(train_file, tokenizer, seq_len=cfg.train.seq_len, too_long="skip")
+    if examples.report():
+        print(f"{train_file}: {examples.report()}", flush=True)
+    train_iter = sft.make_sft_iterator(examples, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                                       seed=cfg.train.seed, pad_id=max(tokenizer.pad_id, 0))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
+    restored = None
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore_latest(_abstract_state(model, optimizer, state_sh), data_iterator=train_iter)
+    if restored is not None:
+        state = restored[1]
+        print(f"Resuming from step {restored[0]} ({ckpt.directory})", flush=True)
+    else:
+        params, _ = checkpoint.load_params(cfg.init_from, shardings=state_sh.params)
+        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_sh.step), params=params,
+                           opt_state=jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params),
+                           rng=jax.device_put(jax.random.PRNGKey(cfg.train.seed), state_sh.rng))
+    start = int(state.step)
+    batch_sh = sharding.batch_sharding(mesh)
+    with sharding.use_rules(mesh):
+        train_step = jax.jit(lm.make_train_step(model, optimizer, schedule), in_shardings=(state_sh, batch_sh),
+                             out_shardings=(state_sh, None), donate_argnums=0)
+    print(f"Fine-tuning {steps} steps of {cfg.train.batch_size}×{cfg.train.seq_len} tokens on {len(examples)} "
+          f"conversations", flush=True)
+    progress = metrics_lib.Progress(total=steps, initial=start, desc="cai-sl")
+    stop = runtime.StopSignal()
+    last_saved = ckpt.latest_step()
+    try:
+        with sharding.use_rules(mesh):
+            for step in range(start + 1, steps + 1):
+                state, step_metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
+                progress.update(1)
+                save_now = step % cfg.train.checkpoint_every == 0 or step == steps or stop.requested
+                if step % cfg.train.log_every == 0 or save_now:
+                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    runtime.check_finite(step, values, last_saved, ckpt.directory)
+                    writer.write(step, values)
+                    progress.update(0, loss=values["loss"])
+                if save_now:
+                    ckpt.save(step, state, data_iterator=train_iter, meta=meta)
+                    last_saved = step
+                if stop.requested:
+                    break
+                if step == cfg.train.crash_after_step:  # Fault injection for the resume tests.
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+    except runtime.NonFiniteLoss as e:
+        ckpt.close()
+        progress.close()
+        print(f"\nERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        stop.restore()
+    ckpt.close()
+    progress.close()
+    if stop.requested:
+        print(f"Stopped at step {last_saved}; rerun the same command to resume.", flush=True)
+        sys.exit(0)
+    return state
+
+
+def run_sl(cfg, workdir: str):
+    if os.path.exists(os.path.join(workdir, "eval.json")):
+        print(f"Already finished: {os.path.join(workdir, 'eval.json')}", flush=True)
+        return
+    model, params, init_meta = load_model(cfg.init_from, "init_from")
+    tokenizer = _local_tokenizer(workdir, init_meta)
+    files = prepare_data(cfg, workdir)
+    records = eval_records(cfg, files)
+    resume = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=resume.latest_step() or 0)
+    resume.close()
+    init_path = os.path.join(workdir, "eval_init.json")
+    if records and not os.path.exists(init_path):
+        init = evaluate(cfg, model, params, tokenizer, records)
+        write_json(init_path, init)
+        writer.write(0, {f"eval/{k}": v for k, v in init["summary"].items()})
+        print(f"Before: {_line(init['summary'])}", flush=True)
+
+    revisions = generate_revisions(cfg, model, params, tokenizer, files, os.path.join(workdir, "revisions.jsonl"))
+    for rec in revisions[:cfg.sl.show]:
+        last = rec["rounds"][-1]
+        print(f"- prompt: {rec['prompt']!r}\n  answer: {rec['initial']!r}\n  principle: {last['principle']}\n"
+              f"  critique: {last['critique']!r}\n  revision: {rec['revision']!r}", flush=True)
+    train_file = make_training_mix(cfg, files, revisions, os.path.join(workdir, "sl_train.jsonl"))
+    meta = {"stage": "cai_sl", "model": init_meta["model"], "tokenizer": os.path.join(workdir, "tokenizer.model"),
+            "config": cfg.to_dict(), "init_from": cfg.init_from}
+    state = fine_tune(cfg, workdir, model, tokenizer, train_file, meta, writer)
+    if records:
+        final = evaluate(cfg, model, jax.device_get(state.params), tokenizer, records)
+        writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final["summary"].items()})
+        with open(init_path) as f:
+            init = json.load(f)
+        write_json(os.path.join(workdir, "eval.json"), {"before": init, "after": final,
+                                                        "revisions": len(revisions)})
+        print(f"Before: {_line(init['summary'])}\nAfter:  {_line(final['summary'])}", flush=True)
+    writer.close()
+    print(f"Done. Fine-tuned model in {os.path.join(workdir, 'checkpoints')}", flush=True)
+
+
+# --- Phase rl_label: AI preference labels -------------------------------------------------------------
+
+
+def run_rl_label(cfg, workdir: str):
+    model, params, init_meta = load_model(cfg.init_from, "init_from")
+    tokenizer = _local_tokenizer(workdir, init_meta)
+    if cfg.feedback_from and cfg.feedback_from != cfg.init_from:
+        feedback_model, feedback_params, feedback_meta = load_model(cfg.feedback_from, "feedback_from")
+        if Tokenizer.load(feedback_meta["tokenizer"])._proto != tokenizer._proto:
+            raise ValueError("the feedback model must use the policy's tokenizer (it reads the policy's answers)")
+    else:
+        feedback_model, feedback_params = model, params
+    files = prepare_data(cfg, workdir)
+    labels_path = os.path.join(workdir, "ai_labels.jsonl")
+    if os.path.exists(labels_path):
+        print(f"Reusing {labels_path}", flush=True)
+        labels = read_jsonl(labels_path, require="p_x")
+    else:
+        prompts = [r["prompt"] for r in read_jsonl(files["prompts"])]
+        if cfg.rl.num_prompts > 0:
+            prompts = prompts[:cfg.rl.num_prompts]
+        t = time.perf_counter()
+        both = chat.generate_responses(model, params, tokenizer, [p for p in prompts for _ in range(2)],
+                                       max_new_tokens=cfg.rl.max_new_tokens, rng=jax.random.PRNGKey(cfg.rl.seed),
+                                       temperature=cfg.rl.temperature, batch_size=cfg.rl.batch_size, bucket=64)
+        items = []
+        for i, prompt in enumerate(prompts):
+            (x, y), ended = both.texts[2 * i:2 * i + 2], both.ended[2 * i:2 * i + 2]
+            if cai.usable(x, ended[0]) and cai.usable(y, ended[1]) and x != y:
+                items.append((prompt, x, y))
+        principles = cai.draw_principles(principles_for(cfg, files, cfg.rl.principles), len(items), cfg.rl.seed)
+        labels = cai.ai_labels(feedback_model, feedback_params, tokenizer, [q for q, _, _ in items],
+                               [x for _, x, _ in items], [y for _, _, y in items], principles,
+                               batch_size=cfg.rl.label_batch_size)
+        if files["tinyworld"]:  # audit only: does the AI label agree with the gold judge?
+            from jaxlm.data import tinyworld
+            for label in labels:
+                gx, gy = (tinyworld.score(label["prompt"], label[k]).total for k in ("x", "y"))
+                label["gold_x"], label["gold_y"] = gx, gy
+        write_jsonl(labels_path, labels)
+        print(f"{len(prompts)} prompts: {len(items)} distinct pairs labelled in {time.perf_counter() - t:.1f}s "
+              f"-> {labels_path}", flush=True)
+
+    pairs = [cai.preference_record(label) for label in labels]
+    order = list(range(len(pairs)))
+    random.Random(cfg.rl.seed).shuffle(order)
+    n_valid = int(round(cfg.rl.valid_share * len(pairs)))
+    splits = {"valid": [pairs[i] for i in sorted(order[:n_valid])],
+              "train": [pairs[i] for i in sorted(order[n_valid:])]}
+    for split, records in splits.items():
+        write_jsonl(os.path.join(workdir, f"ai_preferences_{split}.jsonl"), records)
+    summary = label_summary(labels)
+    write_json(os.path.join(workdir, "summary.json"), {"pairs": {k: len(v) for k, v in splits.items()}, **summary})
+    print(f"AI preferences: {len(splits['train'])} train / {len(splits['valid'])} valid pairs in {workdir}; "
+          f"{_line(summary)}", flush=True)
+
+
+def label_summary(labels: list[dict]) -> dict:
+    """Label statistics: mean confidence, position bias (P(A) averaged over both orders), and on
+    TinyWorld the agreement of the AI's preferred response with the gold judge's."""
+    if not labels:
+        return {}
+    p_a = [0.5 * (l["x_first"]["p_a"] + l["x_second"]["p_a"]) for l in labels]
+    out = {"mean_confidence": float(np.mean([max(l["p_x"], 1 - l["p_x"]) for l in labels])),
+           "position_bias_p_a": float(np.mean(p_a))}
+    judged = [l for l in labels if "gold_x" in l and l["gold_x"] != l["gold_y"]]
+    if judged:
+        out["gold_agreement"] = float(np.mean([(l["p_x"] >= 0.5) == (l["gold_x"] > l["gold_y"]) for l in judged]))
+        out["gold_agreement_pairs"] = len(judged)
+    return out
+
+
+# --- Plumbing ----------------------------------------------------------------------------------------
+
+
+def _local_tokenizer(workdir: str, meta: dict) -> Tokenizer:
+    local = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(local):
+        shutil.copyfile(meta["tokenizer"], local)
+    return Tokenizer.load(local)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _line(summary: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float) and not k.startswith("gold/"))
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    workdir = runtime.start(cfg, _WORKDIR.value, f"cai_{cfg.phase}")
+    if jax.process_count() > 1:
+        raise NotImplementedError("experiments/cai.py runs in one process (any number of local devices)")
+    if not cfg.init_from:
+        raise ValueError("--config.init_from (an SFT workdir) is required")
+    if cfg.phase == "sl":
+        run_sl(cfg, workdir)
+    elif cfg.phase == "rl_label":
+        run_rl_label(cfg, workdir)
+    else:
+        raise ValueError(f"--config.phase={cfg.phase!r}; choose 'sl' or 'rl_label'")
+
+
+if __name__ == "__main__":
+    app.run(main)

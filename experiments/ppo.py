@@ -1,0 +1,359 @@
+r"""RLHF with PPO: the SFT policy, steered by a frozen reward model, kept near itself by a KL penalty.
+
+    python -m experiments.ppo --config=experiments/configs/ppo_tiny.py --workdir=DIR \
+        --config.policy_from=SFT_WORKDIR --config.reward_from=REWARD_WORKDIR \
+        [--config.data.prompts_file=prompts.jsonl] [--config.train.iterations=100]
+
+Each iteration: a batch of prompts → responses sampled from the policy (`sampling.generate`) →
+log-probs under the policy and the frozen reference (the SFT weights), values from the critic
+(started from the reward model), scores from the frozen reward model (minus a penalty for
+responses that never emit EOS) → per-token rewards −β·KL + score, GAE, whitening → epochs of
+shuffled minibatch PPO updates of policy and critic → β updated from the measured KL.
+All the pieces are in `jaxlm/steps/ppo.py`; this file is the loop around them.
+
+Writes DIR/config.json, DIR/metrics.jsonl (one line per iteration: score, KL k1/k3 per sequence,
+β, entropy, losses, clip fractions, approx-KL, explained variance, response length, EOS share,
+rollout/scoring/update seconds, gold-judge score on TinyWorld; eval_* lines on held-out prompts,
+the first at step 0 for the SFT model itself), DIR/tensorboard/, DIR/samples.jsonl,
+DIR/checkpoints/ (policy, critic, both optimizer states, KL controller, rng, prompt position;
+meta: stage, model, critic_model, tokenizer, config) and DIR/tokenizer.model. Running the same
+command again resumes from the newest checkpoint (SIGTERM saves one first); a resumed run is
+bitwise identical to an uninterrupted one. `checkpoint.load_for_inference(DIR)` loads the policy.
+
+Left out: multi-process runs (the loop fetches rollouts to the host to decode and judge them),
+sampling with top-k/top-p (PPO's ratio is defined for the full temperature-scaled policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxlm import checkpoint, metrics as metrics_lib, optim, rl, runtime, sampling, sharding
+from jaxlm.data import chat
+from jaxlm.data.sources import DocumentSource
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.model import Model, ModelConfig
+from jaxlm.reward_model import ScalarHeadModel
+from jaxlm.steps import ppo
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/ppo_tiny.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
+
+
+def prepare_data(cfg, workdir: str) -> dict:
+    """{prompts, eval, tinyworld}: prompt files, generating TinyWorld's files when none are given."""
+    if cfg.data.prompts_file:
+        return {"prompts": cfg.data.prompts_file, "eval": cfg.data.eval_prompts_file, "tinyworld": False}
+    data_dir = cfg.data.dir or os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(data_dir, "summary.json")):
+        from jaxlm.data import tinyworld
+        print(f"Generating TinyWorld data into {data_dir} ...", flush=True)
+        sizes = cfg.data.tinyworld.to_dict()
+        tinyworld.make_all(data_dir, seed=sizes.pop("seed"), log=lambda _: None, **sizes)
+    return {"prompts": os.path.join(data_dir, "rl_prompts.jsonl"),
+            "eval": cfg.data.eval_prompts_file or os.path.join(data_dir, "eval_prompts.jsonl"), "tinyworld": True}
+
+
+def read_prompts(path: str, cfg, tokenizer: Tokenizer) -> list[dict]:
+    """Records {prompt, family, tokens} (chat-encoded), in file order; bad records name file:line.
+
+    Prompts longer than `max_prompt_len` tokens are skipped and counted: they would widen every
+    batch (and the compiled shapes) for a handful of rows.
+    """
+    def parse(obj):
+        prompt = obj.get(cfg.data.prompt_field) if isinstance(obj, dict) else None
+        if not isinstance(prompt, (str, list)):
+            raise KeyError(f"missing field {cfg.data.prompt_field!r} (a string or a list of messages)")
+        return {"prompt": prompt, "family": obj.get("family"), "tokens": chat.encode_prompt(tokenizer, prompt)}
+
+    source = DocumentSource(path, parse=parse, skip_bad_records=cfg.data.skip_bad_records)
+    if source.num_skipped:
+        print(f"Skipped {source.num_skipped} bad records in {path}: {source.skipped}", flush=True)
+    records = [source[i] for i in range(len(source))]
+    kept = [r for r in records if len(r["tokens"]) <= cfg.data.max_prompt_len]
+    if len(kept) < len(records):
+        print(f"Skipped {len(records) - len(kept)} prompts longer than {cfg.data.max_prompt_len} tokens in {path}",
+              flush=True)
+    if not kept:
+        raise ValueError(f"no prompt in {path} fits --config.data.max_prompt_len={cfg.data.max_prompt_len}")
+    return kept
+
+
+class PromptIterator:
+    """Endless batches of prompt indices: a fresh seeded permutation each epoch.
+
+    Its position (epoch, index) is saved in every checkpoint (`get_state`/`set_state`), so a
+    resumed run sees exactly the prompts the uninterrupted run would have.
+    """
+
+    def __init__(self, num_prompts: int, batch_size: int, seed: int):
+        self.num_prompts, self.batch_size, self.seed = num_prompts, batch_size, seed
+        self.epoch, self.index = 0, 0
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_prompts)
+
+    def __next__(self) -> np.ndarray:
+        out = []
+        while len(out) < self.batch_size:
+            order = self._order()
+            take = order[self.index:self.index + self.batch_size - len(out)]
+            out.extend(take.tolist())
+            self.index += len(take)
+            if self.index >= self.num_prompts:
+                self.epoch, self.index = self.epoch + 1, 0
+        return np.asarray(out)
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict):
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def load_meta(path: str, flag: str) -> dict:
+    source = checkpoint.Checkpointer(checkpoint.checkpoint_dir(path), async_save=False)
+    if source.latest_step() is None:
+        raise FileNotFoundError(f"--config.{flag}={path} holds no checkpoint")
+    meta = source.restore_meta()
+    source.close()
+    for key in ("model", "tokenizer"):
+        if key not in meta:
+            raise KeyError(f"--config.{flag}={path}: checkpoint meta has no {key!r} (has {sorted(meta)})")
+    return meta
+
+
+def judge_scores(records: list[dict], texts: list[str]) -> list[float]:
+    from jaxlm.data import tinyworld
+    return [tinyworld.score(r["prompt"], t).total for r, t in zip(records, texts)]
+
+
+def decode(tokenizer: Tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Response texts. Ids past the tokenizer (the model's vocabulary is padded up to a multiple of
+    128, and nothing stops a policy from sampling those rows) are dropped from the text."""
+    n = tokenizer.vocab_size
+    return [chat.decode_response(tokenizer, [t for t in row[:int(m.sum())] if t < n]) for row, m in zip(tokens, mask)]
+
+
+def prompt_batch(records: list[dict], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens, lengths = sampling.prompts_to_batch([r["tokens"] for r in records], pad_id, bucket=width)
+    assert tokens.shape[1] == width, (tokens.shape, width)
+    return tokens, lengths
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    workdir = runtime.start(cfg, _WORKDIR.value, "ppo")
+    if jax.process_count() > 1:
+        raise NotImplementedError("experiments/ppo.py runs in one process (any number of local devices)")
+    if not (cfg.policy_from and cfg.reward_from):
+        raise ValueError("--config.policy_from (an SFT workdir) and --config.reward_from (a reward workdir) "
+                         "are required")
+    B, mb = cfg.rollout.batch_size, cfg.ppo.minibatch_size
+    if B % mb or mb % cfg.ppo.grad_accum:
+        raise ValueError(f"rollout.batch_size={B} must be a multiple of ppo.minibatch_size={mb}, itself a multiple "
+                         f"of ppo.grad_accum={cfg.ppo.grad_accum}")
+
+    # Models and tokenizer: the policy (and reference) from SFT, the reward model (and critic) from RM.
+    policy_meta, reward_meta = load_meta(cfg.policy_from, "policy_from"), load_meta(cfg.reward_from, "reward_from")
+    tokenizer = Tokenizer.load(policy_meta["tokenizer"])
+    if Tokenizer.load(reward_meta["tokenizer"])._proto != tokenizer._proto:
+        raise ValueError(f"the reward model ({reward_meta['tokenizer']}) and the policy ({policy_meta['tokenizer']}) "
+                         "use different tokenizers; the reward model must read the policy's tokens")
+    local_tokenizer = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(local_tokenizer):
+        shutil.copyfile(policy_meta["tokenizer"], local_tokenizer)
+    policy_cfg, critic_cfg = ModelConfig(**policy_meta["model"]), ModelConfig(**reward_meta["model"])
+    policy_model, reward_model = Model(policy_cfg), ScalarHeadModel(critic_cfg)
+    print(f"Reward normalisation of {cfg.reward_from}: {reward_meta.get('reward_normalization', 'none recorded')}",
+          flush=True)
+
+    files = prepare_data(cfg, workdir)
+    prompts = read_prompts(files["prompts"], cfg, tokenizer)
+    eval_records = []
+    if files["eval"] and cfg.eval.every > 0:
+        eval_records = read_prompts(files["eval"], cfg, tokenizer)
+        families = set(cfg.eval.families.split(",")) if cfg.eval.families else {r["family"] for r in prompts}
+        eval_records = [r for r in eval_records if r["family"] in families] or eval_records
+        order = np.random.default_rng(cfg.eval.seed).permutation(len(eval_records))
+        n_eval = len(eval_records) if cfg.eval.num_prompts <= 0 else min(cfg.eval.num_prompts, len(eval_records))
+        eval_records = [eval_records[i] for i in order[:n_eval]]
+    width = 16 * -(-max(len(r["tokens"]) for r in prompts + eval_records) // 16)
+    if width + cfg.rollout.max_new_tokens > policy_cfg.max_seq_len:
+        raise ValueError(f"prompt width {width} + max_new_tokens {cfg.rollout.max_new_tokens} exceeds the policy's "
+                         f"max_seq_len {policy_cfg.max_seq_len}")
+    gold = files["tinyworld"]
+
+    # Optimizers, KL controller, state.
+    mesh = runtime.mesh_from_config(cfg)
+    iterations = cfg.train.iterations
+    total_updates = iterations * cfg.ppo.epochs * (B // mb)
+    policy_tx, policy_schedule = optim.from_config(cfg.policy_optim, total_updates)
+    critic_tx, _ = optim.from_config(cfg.critic_optim, total_updates)
+    kl_ctl = (rl.adaptive_kl_init(cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+              else rl.FixedKLController(jnp.float32(cfg.kl.init_coef)))
+    pcfg = ppo.PPOConfig(temperature=cfg.rollout.temperature, clip_eps=cfg.ppo.clip_eps,
+                         value_clip_eps=cfg.ppo.value_clip_eps, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
+                         kl_kind=cfg.ppo.kl_kind, entropy_coef=cfg.ppo.entropy_coef,
+                         whiten_advantages=cfg.ppo.whiten_advantages,
+                         missing_eos_penalty=cfg.rollout.missing_eos_penalty, grad_accum=cfg.ppo.grad_accum)
+    state_sh = ppo.ppo_state_shardings(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, mesh)
+    # Frozen by construction: these two never enter the trained (and donated) state.
+    ref_params, _ = checkpoint.load_params(cfg.policy_from, shardings=state_sh.params)
+    reward_params, _ = checkpoint.load_params(cfg.reward_from, shardings=state_sh.critic)
+    print(f"Policy {policy_cfg.num_params() / 1e6:.2f}M and critic {critic_cfg.num_params() / 1e6:.2f}M parameters; "
+          f"mesh {sharding.describe(mesh)}; {iterations} iterations of {B} rollouts × {cfg.ppo.epochs} epochs of "
+          f"{B // mb} minibatches; {len(prompts)} prompts (width {width}), {len(eval_records)} eval prompts",
+          flush=True)
+
+    prompt_iter = PromptIterator(len(prompts), B, cfg.data.seed)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
+    meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "critic_model": dataclasses.asdict(critic_cfg),
+            "tokenizer": local_tokenizer, "config": cfg.to_dict(), "policy_from": cfg.policy_from,
+            "reward_from": cfg.reward_from, "reward_normalization": reward_meta.get("reward_normalization")}
+    restored = ckpt.restore_latest(
+        ppo.abstract_ppo_state(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, state_sh),
+        data_iterator=prompt_iter)
+    if restored is not None:
+        start, state, _ = restored
+        print(f"Resuming from iteration {start} ({ckpt.directory})", flush=True)
+    else:
+        state, _ = ppo.create_ppo_state(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, mesh,
+                                        cfg.train.seed, ref_params, reward_params)
+    start = int(state.iteration)
+
+    models = ppo.lm_models(policy_model, reward_model, reward_model)
+    batch_sh = sharding.batch_sharding(mesh)
+    with sharding.use_rules(mesh):
+        @jax.jit
+        def score_fn(state, ref_params, reward_params, batch):
+            scored = ppo.score_rollout(models, pcfg, state.params, ref_params, state.critic, reward_params, batch)
+            adv = ppo.compute_advantages(scored, batch, pcfg, state.kl_ctl.value)
+            return {**batch, **scored, **adv}, ppo.rollout_stats(batch, scored, adv, state.kl_ctl.value)
+
+        update_step = jax.jit(ppo.make_update_step(models, pcfg, policy_tx, critic_tx),
+                              in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+        finish = jax.jit(ppo.update_kl, static_argnums=2, out_shardings=state_sh, donate_argnums=0)
+
+    def score(state, batch):
+        return score_fn(state, ref_params, reward_params, batch)
+
+    def rollout(params, records, key):
+        tokens, lengths = prompt_batch(records, tokenizer.pad_id, width)
+        sample = sampling.generate(policy_model, params, tokens, lengths, max_new_tokens=cfg.rollout.max_new_tokens,
+                                   rng=key, temperature=cfg.rollout.temperature, eos_id=tokenizer.eos_id,
+                                   pad_id=tokenizer.pad_id, mesh=mesh)
+        return jax.device_put(ppo.rollout_batch(tokens, lengths, sample), batch_sh)
+
+    def evaluate(state) -> dict:
+        """Held-out prompts sampled with one fixed key: score, gold, KL to the reference, length."""
+        rows = {"score": [], "kl_k1": [], "kl_k3": [], "length": [], "ended": [], "gold": []}
+        for i in range(0, len(eval_records), B):
+            chunk = eval_records[i:i + B]
+            batch, _ = score(state, rollout(state.params, chunk + [chunk[0]] * (B - len(chunk)),
+                                            jax.random.fold_in(jax.random.PRNGKey(cfg.eval.seed), i)))
+            b = jax.device_get(batch)
+            n, mask = len(chunk), b["response_mask"] > 0
+            d = np.where(mask, b["old_logp"] - b["ref_logp"], 0.0)
+            rows["score"] += b["scores"][:n].tolist()
+            rows["kl_k1"] += d.sum(-1)[:n].tolist()
+            rows["kl_k3"] += np.where(mask, np.expm1(-d) + d, 0.0).sum(-1)[:n].tolist()
+            rows["length"] += mask.sum(-1)[:n].tolist()
+            rows["ended"] += b["ended"][:n].tolist()
+            if gold:
+                rows["gold"] += judge_scores(chunk, decode(tokenizer, b["tokens"][:n, width:], mask[:n]))
+        return {f"eval_{k}": float(np.mean(v)) for k, v in rows.items() if v}
+
+    # A fresh start drops any metrics a run killed before its first checkpoint left behind.
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start if restored is not None else -1)
+    if start == 0 and eval_records:
+        t = time.perf_counter()
+        values = evaluate(state)
+        print(f"Eval of the initial (SFT) policy in {time.perf_counter() - t:.1f}s: {values}", flush=True)
+        writer.write(0, values)
+    progress = metrics_lib.Progress(total=iterations, initial=start, desc="ppo")
+    stop = runtime.StopSignal()
+    last_saved = ckpt.latest_step()
+    try:
+        for it in range(start + 1, iterations + 1):
+            t0 = time.perf_counter()
+            records = [prompts[i] for i in next(prompt_iter)]
+            sample_key, shuffle_key = ppo.iteration_keys(state)
+            batch = rollout(state.params, records, sample_key)
+            jax.block_until_ready(batch)
+            t1 = time.perf_counter()
+            rollout_data, stats = score(state, batch)
+            jax.block_until_ready(rollout_data)
+            t2 = time.perf_counter()
+            state, update_metrics = ppo.train_on_rollout(
+                update_step, state, rollout_data, epochs=cfg.ppo.epochs, minibatch_size=mb, key=shuffle_key,
+                place=lambda x: jax.device_put(x, batch_sh))
+            state = finish(state, stats["kl_k1"], B)
+            values = {k: float(v) for k, v in jax.device_get({**stats, **update_metrics}).items()}
+            t3 = time.perf_counter()
+            values.update(rollout_seconds=t1 - t0, scoring_seconds=t2 - t1, update_seconds=t3 - t2,
+                          learning_rate=float(policy_schedule(int(state.step) - 1)))
+            runtime.check_finite(it, {"loss": values["policy_loss"] + values["value_loss"]}, last_saved,
+                                 ckpt.directory)
+            need_text = gold or (cfg.train.sample_every and it % cfg.train.sample_every == 0)
+            if need_text:
+                host = jax.device_get({k: rollout_data[k] for k in ("tokens", "response_mask", "scores", "ended")})
+                texts = decode(tokenizer, host["tokens"][:, width:], host["response_mask"] > 0)
+            if gold:
+                golds = judge_scores(records, texts)
+                values.update(gold_score=float(np.mean(golds)), judge_seconds=time.perf_counter() - t3)
+            if cfg.eval.every and eval_records and (it % cfg.eval.every == 0 or it == iterations):
+                t = time.perf_counter()
+                values.update(evaluate(state), eval_seconds=time.perf_counter() - t)
+            if it % cfg.train.log_every == 0 or "eval_score" in values or it == iterations:
+                writer.write(it, values)
+            if cfg.train.sample_every and it % cfg.train.sample_every == 0:
+                lines = [{"step": it, "prompt": r["prompt"], "response": t, "score": float(s), "ended": bool(e),
+                          **({"gold": golds[i]} if gold else {})}
+                         for i, (r, t, s, e) in enumerate(zip(records, texts, host["scores"], host["ended"]))]
+                with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
+                    for line in lines[:cfg.train.samples]:
+                        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                writer.write_text(it, "samples", "\n\n".join(f"**{x['prompt']}** → {x['response']} (score "
+                                                              f"{x['score']:.2f})" for x in lines[:cfg.train.samples]))
+            progress.update(1, score=values["score"], kl=values["kl_k1"], beta=values["beta"],
+                            **({"gold": values["gold_score"]} if gold else {}))
+            if it % cfg.train.checkpoint_every == 0 or it == iterations or stop.requested:
+                ckpt.save(it, state, data_iterator=prompt_iter, meta=meta)
+                last_saved = it
+            if stop.requested:
+                break
+            if it == cfg.train.crash_after_step:  # Fault injection for the resume tests:
+                ckpt.wait()  # earlier saves are complete, later iterations are lost.
+                os.kill(os.getpid(), signal.SIGKILL)
+    except runtime.NonFiniteLoss as e:
+        ckpt.close()
+        progress.close()
+        print(f"\nERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        stop.restore()
+    ckpt.close()
+    progress.close()
+    writer.close()
+    if stop.requested:
+        print(f"Stopped at iteration {last_saved}; rerun the same command to resume.", flush=True)
+        return
+    print(f"Done: {iterations} iterations. Metrics in {writer.path}; checkpoints in {ckpt.directory}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

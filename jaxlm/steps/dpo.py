@@ -1,0 +1,192 @@
+"""The DPO step: preference pairs → the policy's and the frozen reference's response log-probs →
+the DPO family's loss (`losses.dpo_loss`: sigmoid/DPO, cDPO, robust, hinge/SLiC, IPO).
+
+With sequence log-probs of the responses (prompt and padding excluded; the closing EOS included)
+
+    Δ = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))
+    sigmoid:  −log σ(βΔ)        (minimised by β log π/π_ref = r + const: π ∝ π_ref · exp(r/β))
+
+Design decisions:
+- **The reference is frozen by construction.** It is not in the train state: its parameters are
+  a separate argument of the step (`step(state, batch, ref_params)`), read under
+  `stop_gradient`, and `dpo_loss` stops gradients into its log-probs again. Or its log-probs
+  come precomputed in the batch (`ref_chosen_logp`, `ref_rejected_logp`, written once by
+  `reference_log_probs` over the data); then pass `ref_params=None` and the step never runs
+  the reference. Both paths call the same function, so they give the same loss (tested).
+- **One forward pass per model.** Chosen and rejected rows go through the model together
+  ([2B, T]); rows never interact, so it equals two passes with half the dispatches.
+- **Log-probs** come from `jaxlm.logprobs` (the one place that shifts targets), at temperature 1.
+- **Per-pair normalisation.** The loss is summed over real pairs (`weight` 1) and divided by
+  their number over the whole batch, after gradient accumulation, so 1×8 equals 8×1.
+- **Soft labels** (AI feedback: `label` = P(chosen preferred)) enter as a per-pair label
+  smoothing ε = 1 − label in the sigmoid/cDPO loss, −p log σ(βΔ) − (1 − p) log σ(−βΔ): the
+  cross-entropy against the label, exactly as the reward model's soft Bradley-Terry loss.
+- **Length averaging** (`average_log_probs`, IPO's and SimPO's choice) divides each side's
+  log-probs, policy and reference alike, by its number of response tokens.
+
+Metrics (means over real pairs): loss, accuracy (implicit reward of chosen > rejected),
+chosen_reward = β(log π − log π_ref)(y_c), rejected_reward, margin (their difference),
+chosen_logp / rejected_logp (the policy's), and grad_norm, learning_rate.
+
+Left out: SFT-loss mixing (RPO), reference-free variants (SimPO, ORPO), a reference that is
+periodically synced to the policy (TR-DPO), and sequence packing of pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm import logprobs, losses
+from jaxlm.train_state import TrainState
+
+Batch = dict[str, jax.Array]
+REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
+METRICS = ("loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logp", "rejected_logp")
+SOFT_LABEL_TYPES = ("sigmoid", "cdpo")
+
+
+def check_options(cfg: losses.DPOConfig, *, soft_labels: bool) -> None:
+    """Soft labels are a per-pair label smoothing: only for the sigmoid/cDPO loss, and not on top of one."""
+    if soft_labels and cfg.loss_type not in SOFT_LABEL_TYPES:
+        raise ValueError(f"soft labels need loss_type in {SOFT_LABEL_TYPES}, got {cfg.loss_type!r}")
+    if soft_labels and cfg.label_smoothing:
+        raise ValueError("soft labels already set a per-pair label smoothing (1 - label); "
+                         f"label_smoothing={cfg.label_smoothing} would be applied on top")
+
+
+def pair_log_probs(model, params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(log π(y_c) [B], log π(y_r) [B], response tokens of y_c [B], of y_r [B]), one forward pass.
+
+    `batch` as made by `jaxlm.data.preferences` (chosen_* and rejected_* rows).
+    """
+    both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+            for k in ("tokens", "positions", "segment_ids", "loss_mask")}  # [2B, T]
+    logp = logprobs.response_log_probs(model, params, both["tokens"], both["positions"], both["segment_ids"],
+                                       both["loss_mask"])  # [2B, T], 0 off the response
+    seq = jnp.sum(logp, axis=-1)
+    count = jnp.sum(logprobs.target_mask(both["segment_ids"], both["loss_mask"]), axis=-1)
+    b = batch["chosen_tokens"].shape[0]
+    return seq[:b], seq[b:], count[:b], count[b:]
+
+
+def reference_log_probs(model, ref_params, batch: Batch) -> dict[str, jax.Array]:
+    """{ref_chosen_logp [B], ref_rejected_logp [B]}: the frozen reference's response log-probs.
+
+    Jit it to precompute them once over the data; the step calls it when the batch lacks them.
+    """
+    chosen, rejected, _, _ = pair_log_probs(model, jax.lax.stop_gradient(ref_params), batch)
+    return {"ref_chosen_logp": chosen, "ref_rejected_logp": rejected}
+
+
+def pair_terms(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, *, soft_labels: bool = False,
+               average_log_probs: bool = False) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(loss_sum, number of real pairs, per-pair terms [B]) for one preference batch.
+
+    The reference log-probs are `batch["ref_chosen_logp"]`/`["ref_rejected_logp"]` if present,
+    else computed with `ref_params`. Per-pair terms: `losses.dpo_loss`'s aux (loss,
+    chosen_rewards, rejected_rewards, accuracy, margin) plus `delta` (Δ), `chosen_logp`,
+    `rejected_logp` (the policy's, summed or length-averaged as the loss used them).
+    """
+    check_options(cfg, soft_labels=soft_labels)
+    chosen, rejected, n_chosen, n_rejected = pair_log_probs(model, params, batch)
+    if all(k in batch for k in REF_KEYS):
+        ref = {k: batch[k] for k in REF_KEYS}
+    elif ref_params is None:
+        raise ValueError(f"the batch has no precomputed {REF_KEYS} and no reference parameters were given")
+    else:
+        ref = reference_log_probs(model, ref_params, batch)
+    ref_chosen, ref_rejected = (jnp.asarray(ref[k], jnp.float32) for k in REF_KEYS)
+    if average_log_probs:
+        chosen, ref_chosen = chosen / jnp.maximum(n_chosen, 1.0), ref_chosen / jnp.maximum(n_chosen, 1.0)
+        rejected, ref_rejected = rejected / jnp.maximum(n_rejected, 1.0), ref_rejected / jnp.maximum(n_rejected, 1.0)
+    smoothing = 1.0 - jnp.asarray(batch["label"], jnp.float32) if soft_labels else cfg.label_smoothing
+    weight = batch["weight"] if "weight" in batch else jnp.ones_like(chosen)
+    loss_sum, count, aux = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
+                                           loss_type=cfg.loss_type, label_smoothing=smoothing, weights=weight)
+    delta = jax.lax.stop_gradient((chosen - ref_chosen) - (rejected - ref_rejected))
+    terms = {**aux, "delta": delta, "chosen_logp": jax.lax.stop_gradient(chosen),
+             "rejected_logp": jax.lax.stop_gradient(rejected)}
+    return loss_sum, count, terms
+
+
+def batch_loss(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, **options
+               ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(loss_sum, number of real pairs, {METRICS: sums over real pairs})."""
+    loss_sum, count, t = pair_terms(model, params, batch, ref_params, cfg, **options)
+    w = jnp.asarray(batch["weight"] if "weight" in batch else jnp.ones_like(t["loss"]), jnp.float32)
+    per_pair = {"accuracy": t["accuracy"], "chosen_reward": t["chosen_rewards"],
+                "rejected_reward": t["rejected_rewards"], "margin": t["margin"], "chosen_logp": t["chosen_logp"],
+                "rejected_logp": t["rejected_logp"]}
+    sums = {"loss": jax.lax.stop_gradient(loss_sum), **{k: jnp.sum(w * v) for k, v in per_pair.items()}}
+    return loss_sum, count, sums
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} pairs cannot be split into {n} microbatches")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule | None,
+                    cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool = False,
+                    grad_accum: int = 1) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+    """step(state, batch, ref_params) -> (state, metrics); ref_params=None with precomputed reference log-probs.
+
+    Jit with `donate_argnums=0` only: the reference must never be donated (or aliased with the
+    policy's parameters, which are donated).
+    """
+    check_options(cfg, soft_labels=soft_labels)
+    options = dict(soft_labels=soft_labels, average_log_probs=average_log_probs)
+
+    def loss_fn(params, batch, ref_params):
+        loss_sum, count, sums = batch_loss(model, params, batch, ref_params, cfg, **options)
+        return loss_sum, (count, sums)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Batch, ref_params) -> tuple[TrainState, dict[str, Any]]:
+        if grad_accum == 1:
+            (_, (count, sums)), grads = grad_fn(state.params, batch, ref_params)
+        else:
+            def body(acc, micro):
+                (_, (c, s)), g = grad_fn(state.params, micro, ref_params)
+                return jax.tree.map(jnp.add, acc, (c, s, g)), None
+            zero = jnp.zeros((), jnp.float32)
+            zeros = (zero, {k: zero for k in METRICS}, jax.tree.map(jnp.zeros_like, state.params))
+            (count, sums, grads), _ = jax.lax.scan(body, zeros, _split_microbatches(batch, grad_accum))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: v / denom for k, v in sums.items()}
+        metrics.update(pairs=count, grad_norm=optax.tree.norm(grads))
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model, cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool = False
+                   ) -> Callable[[Any, Batch, Any], dict[str, jax.Array]]:
+    """eval_step(params, batch, ref_params) -> {METRICS sums, pairs}; add over batches, then `finish_eval`."""
+    check_options(cfg, soft_labels=soft_labels)
+
+    def eval_step(params, batch, ref_params):
+        _, count, sums = batch_loss(model, params, batch, ref_params, cfg, soft_labels=soft_labels,
+                                    average_log_probs=average_log_probs)
+        return {**sums, "pairs": count}
+
+    return eval_step
+
+
+def finish_eval(totals: dict[str, float]) -> dict[str, float]:
+    """Means over pairs from summed eval outputs."""
+    pairs = max(float(totals["pairs"]), 1.0)
+    return {**{k: float(v) / pairs for k, v in totals.items() if k != "pairs"}, "pairs": float(totals["pairs"])}
