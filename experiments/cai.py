@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -51,10 +50,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import cai, checkpoint, metrics as metrics_lib, optim, runtime, sharding
+from jaxlm import cai, checkpoint, init_source, metrics as metrics_lib, optim, runtime, sharding
 from jaxlm.data import chat, sft
 from jaxlm.data.sources import DocumentSource
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
 from jaxlm.train_state import TrainState, abstract_with_shardings, state_shardings
@@ -102,11 +101,12 @@ def write_jsonl(path: str, records) -> None:
 
 
 def load_model(path: str, flag: str):
-    """(Model, params, meta) of a checkpoint on the first local device."""
-    params, meta = checkpoint.load_params(path)
+    """(Model, params, meta) of a jaxlm workdir or an `hf:PATH` directory, on the first local device."""
+    meta = init_source.load_meta(path, flag)
     for key in ("model", "tokenizer"):
         if key not in meta:
             raise KeyError(f"--config.{flag}={path}: checkpoint meta has no {key!r}")
+    params, _ = init_source.load_params(path, flag=flag)
     return Model(ModelConfig(**meta["model"])), params, meta
 
 
@@ -194,7 +194,7 @@ def _abstract_state(model, optimizer, state_sh: TrainState) -> TrainState:
     return abstract_with_shardings(shapes, state_sh)
 
 
-def fine_tune(cfg, workdir: str, model: Model, tokenizer: Tokenizer, train_file: str, meta: dict, writer) -> TrainState:
+def fine_tune(cfg, workdir: str, model: Model, tokenizer, train_file: str, meta: dict, writer) -> TrainState:
     """SFT on the mix from init_from's weights: the same step and data pipeline as experiments/sft.py."""
     mesh = runtime.mesh_from_config(cfg)
     steps = cfg.train.steps
@@ -213,7 +213,7 @@ def fine_tune(cfg, workdir: str, model: Model, tokenizer: Tokenizer, train_file:
         state = restored[1]
         print(f"Resuming from step {restored[0]} ({ckpt.directory})", flush=True)
     else:
-        params, _ = checkpoint.load_params(cfg.init_from, shardings=state_sh.params)
+        params, _ = init_source.load_params(cfg.init_from, shardings=state_sh.params)
         state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_sh.step), params=params,
                            opt_state=jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params),
                            rng=jax.device_put(jax.random.PRNGKey(cfg.train.seed), state_sh.rng))
@@ -285,7 +285,7 @@ def run_sl(cfg, workdir: str):
         print(f"- prompt: {rec['prompt']!r}\n  answer: {rec['initial']!r}\n  principle: {last['principle']}\n"
               f"  critique: {last['critique']!r}\n  revision: {rec['revision']!r}", flush=True)
     train_file = make_training_mix(cfg, files, revisions, os.path.join(workdir, "sl_train.jsonl"))
-    meta = {"stage": "cai_sl", "model": init_meta["model"], "tokenizer": os.path.join(workdir, "tokenizer.model"),
+    meta = {"stage": "cai_sl", "model": init_meta["model"], "tokenizer": init_source.workdir_tokenizer(workdir),
             "config": cfg.to_dict(), "init_from": cfg.init_from}
     state = fine_tune(cfg, workdir, model, tokenizer, train_file, meta, writer)
     if records:
@@ -308,7 +308,7 @@ def run_rl_label(cfg, workdir: str):
     tokenizer = _local_tokenizer(workdir, init_meta)
     if cfg.feedback_from and cfg.feedback_from != cfg.init_from:
         feedback_model, feedback_params, feedback_meta = load_model(cfg.feedback_from, "feedback_from")
-        if Tokenizer.load(feedback_meta["tokenizer"])._proto != tokenizer._proto:
+        if not init_source.same_tokenizer(load_tokenizer(feedback_meta["tokenizer"]), tokenizer):
             raise ValueError("the feedback model must use the policy's tokenizer (it reads the policy's answers)")
     else:
         feedback_model, feedback_params = model, params
@@ -375,11 +375,9 @@ def label_summary(labels: list[dict]) -> dict:
 # --- Plumbing ----------------------------------------------------------------------------------------
 
 
-def _local_tokenizer(workdir: str, meta: dict) -> Tokenizer:
-    local = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(local):
-        shutil.copyfile(meta["tokenizer"], local)
-    return Tokenizer.load(local)
+def _local_tokenizer(workdir: str, meta: dict):
+    """The source's tokenizer (jaxlm SentencePiece or Hugging Face), copied into the workdir."""
+    return init_source.copy_tokenizer(meta, workdir)
 
 
 def write_json(path: str, obj) -> None:

@@ -5,7 +5,8 @@ r"""Direct Preference Optimisation: the SFT policy trained on preference pairs a
         [--config.loss.type=sigmoid|cdpo|robust|hinge|ipo] [--config.loss.beta=0.1] \
         [--config.precompute_reference=True]
 
-The policy starts from `init_from` (an SFT run: weights, model config, tokenizer); the reference
+The policy starts from `init_from` (an SFT run: weights, model config, tokenizer; or a Hugging
+Face checkpoint, `hf:PATH`, whose chat template then formats the pairs); the reference
 is the same checkpoint (or `reference_from`), loaded separately and never trained: it is an
 argument of the step, not part of the state (`jaxlm/steps/dpo.py`). With
 `precompute_reference=True` one pass over the pairs first writes the reference's log-probs into
@@ -40,7 +41,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, losses, metrics as metrics_lib, optim, runtime, sharding
+from jaxlm import checkpoint, init_source, losses, metrics as metrics_lib, optim, runtime, sharding
 from jaxlm.data import preferences
 from jaxlm.data.sources import DocumentSource, expand_paths
 from jaxlm.data.tokenizer import Tokenizer
@@ -96,15 +96,8 @@ def prepare_data(cfg, workdir: str) -> dict:
 
 
 def load_meta(path: str, flag: str) -> dict:
-    source = checkpoint.Checkpointer(checkpoint.checkpoint_dir(path), async_save=False)
-    if source.latest_step() is None:
-        raise FileNotFoundError(f"--config.{flag}={path} holds no checkpoint")
-    meta = source.restore_meta()
-    source.close()
-    for key in ("model", "tokenizer"):
-        if key not in meta:
-            raise KeyError(f"--config.{flag}={path}: checkpoint meta has no {key!r} (has {sorted(meta)})")
-    return meta
+    """A jaxlm workdir's checkpoint meta, or an `hf:PATH` directory's (jaxlm.init_source)."""
+    return init_source.load_meta(path, flag)
 
 
 def loss_config(cfg) -> tuple[losses.DPOConfig, dict]:
@@ -202,16 +195,15 @@ def pair_iterator(cfg, pairs, tokenizer: Tokenizer, *, train: bool, with_referen
 
 def _stamp(cfg, files: str, reference: str) -> dict:
     """What the precomputed log-probs depend on: the reference checkpoint and the data as read."""
-    ref_ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(reference), async_save=False)
-    step = ref_ckpt.latest_step()
-    ref_ckpt.close()
+    source = init_source.fingerprint(reference)
     data = []
     for path in expand_paths(files.split(",")):
         st = os.stat(path)
         data.append({"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     fields = {k: cfg.data[k] for k in ("seq_len", "too_long", "skip_bad_records", "prompt_field", "chosen_field",
                                        "rejected_field", "label_field")}
-    return {"reference": os.path.abspath(reference), "reference_step": step, "data": data, "fields": fields}
+    return {"reference": source.pop("path"), "reference_step": source.pop("step", None), **source, "data": data,
+            "fields": fields}
 
 
 def precompute_reference(cfg, model, ref_params, files: str, tokenizer: Tokenizer, out_path: str, reference: str,
@@ -312,7 +304,7 @@ def evaluate_generation(cfg, model, params, ref_params, tokenizer, records: list
 
 def initial_state(cfg, optimizer, state_sh: TrainState) -> TrainState:
     """Step 0: the init_from weights (a separate copy from the reference's) and fresh optimizer state."""
-    params, meta = checkpoint.load_params(cfg.init_from, shardings=state_sh.params)
+    params, meta = init_source.load_params(cfg.init_from, shardings=state_sh.params)
     print(f"Initialised from {cfg.init_from} ({meta.get('stage', '?')} run)", flush=True)
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
     rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1), state_sh.rng)
@@ -339,11 +331,8 @@ def main(argv):
     policy_meta, ref_meta = load_meta(cfg.init_from, "init_from"), load_meta(reference, "reference_from")
     if ref_meta["model"] != policy_meta["model"]:
         raise ValueError(f"the reference {reference} and the policy {cfg.init_from} have different model configs")
-    local_tokenizer = os.path.join(workdir, "tokenizer.model")
-    if jax.process_index() == 0 and not os.path.exists(local_tokenizer):
-        shutil.copyfile(policy_meta["tokenizer"], local_tokenizer)
-    runtime.barrier("tokenizer")
-    tokenizer = Tokenizer.load(local_tokenizer)
+    tokenizer = init_source.copy_tokenizer(policy_meta, workdir)  # also an hf: checkpoint's tokenizer
+    local_tokenizer = init_source.workdir_tokenizer(workdir)
     model_cfg = ModelConfig(**policy_meta["model"])
     model = Model(model_cfg)
     mesh = runtime.mesh_from_config(cfg)
@@ -351,7 +340,7 @@ def main(argv):
     optimizer, schedule = optim.from_config(cfg.optim, steps)
     state_sh = state_shardings(model, optimizer, mesh)
     # Frozen by construction: loaded on its own, never part of the (donated) train state.
-    ref_params, _ = checkpoint.load_params(reference, shardings=state_sh.params)
+    ref_params, _ = init_source.load_params(reference, shardings=state_sh.params, flag="reference_from")
 
     files = prepare_data(cfg, workdir)
     precompute = cfg.precompute_reference

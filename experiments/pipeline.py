@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/pipeline_tiny.py", "Pipeline config.")
@@ -116,11 +117,31 @@ class Pipeline:
                     f"--config.data.dir={self.data_dir}", extra=self.cfg.sft.flags)
 
     def stage_preferences(self):
-        p = self.cfg.preferences
+        """Preference pairs for the reward model and DPO, in DIR/preferences/.
+
+        source='sft_samples' (the default, as in InstructGPT): the SFT model answers each prompt
+        several times and the gold judge, with Bradley-Terry rater noise, labels pairs of its own
+        answers, so the reward model learns to rank what PPO will show it. source='tinyworld':
+        TinyWorld's ready-made pairs (reference answers against hand-made flaws), like a static
+        human-preference dataset; a model too weak to finish its answers (the smoke config's) can
+        still be taken through every later stage.
+        """
+        p, out = self.cfg.preferences, self.path("preferences")
+        if p.source == "tinyworld":
+            os.makedirs(out, exist_ok=True)
+            for name in ("preferences_train.jsonl", "preferences_valid.jsonl", "rl_prompts.jsonl"):
+                shutil.copyfile(os.path.join(self.data_dir, name), os.path.join(out, name))
+            with open(os.path.join(out, "summary.json"), "w") as f:
+                json.dump({"source": "tinyworld", "data_dir": self.data_dir}, f, indent=2)
+            print(f"TinyWorld's preference pairs -> {out}", flush=True)
+            return
+        if p.source != "sft_samples":
+            raise app.UsageError(f"--config.preferences.source={p.source!r}: expected 'sft_samples' or 'tinyworld'")
         cmd = [sys.executable, "-m", "tools.make_preferences", f"--checkpoint={self.path('sft')}",
-               f"--data_dir={self.data_dir}", f"--out={self.path('preferences')}", f"--num_prompts={p.num_prompts}",
-               f"--samples_per_prompt={p.samples_per_prompt}", f"--temperature={p.temperature}",
-               f"--seed={self.cfg.seed}", *shlex.split(p.flags)]
+               f"--data_dir={self.data_dir}", f"--out_dir={out}",
+               f"--train_prompts={p.train_prompts}", f"--valid_prompts={p.valid_prompts}",
+               f"--num_samples={p.num_samples}", f"--pairs_per_prompt={p.pairs_per_prompt}",
+               f"--temperature={p.temperature}", f"--seed={self.cfg.seed}", *shlex.split(p.flags)]
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             raise SystemExit("stage preferences failed; rerun the same pipeline command after fixing the cause")
@@ -137,7 +158,8 @@ class Pipeline:
 
     def stage_dpo(self):
         self.binary("experiments.dpo", self.path("dpo"), self.cfg.dpo.config, f"--config.init_from={self.path('sft')}",
-                    f"--config.data.dir={self.path('preferences')}", extra=self.cfg.dpo.flags)
+                    f"--config.data.dir={self.path('preferences')}",
+                    f"--config.data.eval_prompts_file={self.data_dir}/eval_prompts.jsonl", extra=self.cfg.dpo.flags)
 
     def stage_cai(self):
         self.binary("experiments.cai", self.path("cai"), self.cfg.cai.config, f"--config.init_from={self.path('sft')}",
@@ -150,6 +172,8 @@ class Pipeline:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint it reads at INFO.
+        logging.set_verbosity(logging.WARNING)
     Pipeline(_CONFIG.value, _WORKDIR.value).run()
 
 

@@ -4,6 +4,9 @@ r"""RLHF with PPO: the SFT policy, steered by a frozen reward model, kept near i
         --config.policy_from=SFT_WORKDIR --config.reward_from=REWARD_WORKDIR \
         [--config.data.prompts_file=prompts.jsonl] [--config.train.iterations=100]
 
+`policy_from` may also be a Hugging Face checkpoint, `hf:PATH`, and `reward_from` a reward model
+jaxlm exported to Hugging Face (`jaxlm.init_source`); the tokenizer comes with the policy.
+
 Each iteration: a batch of prompts → responses sampled from the policy (`sampling.generate`) →
 log-probs under the policy and the frozen reference (the SFT weights), values from the critic
 (started from the reward model), scores from the frozen reward model (minus a penalty for
@@ -29,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -40,10 +42,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, metrics as metrics_lib, optim, rl, runtime, sampling, sharding
+from jaxlm import checkpoint, init_source, metrics as metrics_lib, optim, rl, runtime, sampling, sharding
 from jaxlm.data import chat
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 from jaxlm.steps import ppo
@@ -124,15 +127,8 @@ class PromptIterator:
 
 
 def load_meta(path: str, flag: str) -> dict:
-    source = checkpoint.Checkpointer(checkpoint.checkpoint_dir(path), async_save=False)
-    if source.latest_step() is None:
-        raise FileNotFoundError(f"--config.{flag}={path} holds no checkpoint")
-    meta = source.restore_meta()
-    source.close()
-    for key in ("model", "tokenizer"):
-        if key not in meta:
-            raise KeyError(f"--config.{flag}={path}: checkpoint meta has no {key!r} (has {sorted(meta)})")
-    return meta
+    """A jaxlm workdir's checkpoint meta, or an `hf:PATH` directory's (jaxlm.init_source)."""
+    return init_source.load_meta(path, flag)
 
 
 def judge_scores(records: list[dict], texts: list[str]) -> list[float]:
@@ -169,13 +165,11 @@ def main(argv):
 
     # Models and tokenizer: the policy (and reference) from SFT, the reward model (and critic) from RM.
     policy_meta, reward_meta = load_meta(cfg.policy_from, "policy_from"), load_meta(cfg.reward_from, "reward_from")
-    tokenizer = Tokenizer.load(policy_meta["tokenizer"])
-    if Tokenizer.load(reward_meta["tokenizer"])._proto != tokenizer._proto:
+    tokenizer = load_tokenizer(policy_meta["tokenizer"])
+    if not init_source.same_tokenizer(load_tokenizer(reward_meta["tokenizer"]), tokenizer):
         raise ValueError(f"the reward model ({reward_meta['tokenizer']}) and the policy ({policy_meta['tokenizer']}) "
                          "use different tokenizers; the reward model must read the policy's tokens")
-    local_tokenizer = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(local_tokenizer):
-        shutil.copyfile(policy_meta["tokenizer"], local_tokenizer)
+    local_tokenizer = init_source.save_tokenizer(tokenizer, workdir)
     policy_cfg, critic_cfg = ModelConfig(**policy_meta["model"]), ModelConfig(**reward_meta["model"])
     policy_model, reward_model = Model(policy_cfg), ScalarHeadModel(critic_cfg)
     print(f"Reward normalisation of {cfg.reward_from}: {reward_meta.get('reward_normalization', 'none recorded')}",
@@ -212,8 +206,8 @@ def main(argv):
                          missing_eos_penalty=cfg.rollout.missing_eos_penalty, grad_accum=cfg.ppo.grad_accum)
     state_sh = ppo.ppo_state_shardings(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, mesh)
     # Frozen by construction: these two never enter the trained (and donated) state.
-    ref_params, _ = checkpoint.load_params(cfg.policy_from, shardings=state_sh.params)
-    reward_params, _ = checkpoint.load_params(cfg.reward_from, shardings=state_sh.critic)
+    ref_params, _ = init_source.load_params(cfg.policy_from, shardings=state_sh.params, flag="policy_from")
+    reward_params, _ = init_source.load_params(cfg.reward_from, shardings=state_sh.critic, flag="reward_from")
     print(f"Policy {policy_cfg.num_params() / 1e6:.2f}M and critic {critic_cfg.num_params() / 1e6:.2f}M parameters; "
           f"mesh {sharding.describe(mesh)}; {iterations} iterations of {B} rollouts × {cfg.ppo.epochs} epochs of "
           f"{B // mb} minibatches; {len(prompts)} prompts (width {width}), {len(eval_records)} eval prompts",
@@ -254,7 +248,7 @@ def main(argv):
     def rollout(params, records, key):
         tokens, lengths = prompt_batch(records, tokenizer.pad_id, width)
         sample = sampling.generate(policy_model, params, tokens, lengths, max_new_tokens=cfg.rollout.max_new_tokens,
-                                   rng=key, temperature=cfg.rollout.temperature, eos_id=tokenizer.eos_id,
+                                   rng=key, temperature=cfg.rollout.temperature, eos_id=chat.stop_ids(tokenizer),
                                    pad_id=tokenizer.pad_id, mesh=mesh)
         return jax.device_put(ppo.rollout_batch(tokens, lengths, sample), batch_sh)
 

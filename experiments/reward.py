@@ -3,11 +3,11 @@ r"""Reward model: Bradley-Terry on preference pairs, then a head normalised on t
     python -m experiments.reward --config=experiments/configs/reward_tiny.py --workdir=DIR \
         --config.init_from=SFT_WORKDIR [--config.data.train_files=... --config.data.valid_files=...]
 
-The trunk starts from `init_from` (an SFT run, usually; its model config and tokenizer come with
-it) and the scalar head from zero, so every pair starts at loss ln 2. With no data flags it trains
-on TinyWorld's preference pairs (generated into DIR/data, or read from --config.data.dir, e.g.
-pairs labelled on SFT samples by tools/make_preferences.py) and prints the labels' Bayes
-accuracy beside the held-out accuracy.
+The trunk starts from `init_from` (an SFT run, usually, or a Hugging Face checkpoint given as
+`hf:PATH`; its model config and tokenizer come with it) and the scalar head from zero, so every
+pair starts at loss ln 2. With no data flags it trains on TinyWorld's preference pairs (generated
+into DIR/data, or read from --config.data.dir, e.g. pairs labelled on SFT samples by
+tools/make_preferences.py) and prints the labels' Bayes accuracy beside the held-out accuracy.
 
 After training, the head is rescaled so that rewards of reference samples have mean 0 and std 1
 (`--config.normalize.on=policy`: responses the init model samples for RL prompts, which is what
@@ -33,10 +33,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, metrics as metrics_lib, optim, runtime, sharding
+from jaxlm import checkpoint, init_source, metrics as metrics_lib, optim, runtime, sharding
 from jaxlm.data import chat, preferences
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
+from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel, normalize_head
 from jaxlm.steps import reward
@@ -87,17 +88,11 @@ def prepare_model(cfg, workdir: str, ckpt: checkpoint.Checkpointer, train_files:
     local = os.path.join(workdir, "tokenizer.model")
     if ckpt.latest_step() is not None:
         meta = ckpt.restore_meta()
-        return ModelConfig(**meta["model"]), Tokenizer.load(local), meta.get("init_meta", {})
-    if cfg.init_from:
-        source = checkpoint.Checkpointer(checkpoint.checkpoint_dir(cfg.init_from), async_save=False)
-        if source.latest_step() is None:
-            raise FileNotFoundError(f"--config.init_from={cfg.init_from} holds no checkpoint")
-        meta = source.restore_meta()
-        source.close()
-        if jax.process_index() == 0:
-            shutil.copyfile(meta["tokenizer"], local)
-        runtime.barrier("tokenizer")
-        return ModelConfig(**meta["model"]), Tokenizer.load(local), {"stage": meta.get("stage")}
+        return (ModelConfig(**meta["model"]), load_tokenizer(init_source.workdir_tokenizer(workdir)),
+                meta.get("init_meta", {}))
+    if cfg.init_from:  # A jaxlm run or hf:PATH; its tokenizer is copied into the workdir.
+        meta = init_source.load_meta(cfg.init_from, "init_from")
+        return ModelConfig(**meta["model"]), init_source.copy_tokenizer(meta, workdir), {"stage": meta.get("stage")}
     if jax.process_index() == 0 and not os.path.exists(local):
         if cfg.data.tokenizer:
             shutil.copyfile(Tokenizer.load(cfg.data.tokenizer).path, local)
@@ -117,10 +112,10 @@ def prepare_model(cfg, workdir: str, ckpt: checkpoint.Checkpointer, train_files:
 def initial_state(cfg, rm: ScalarHeadModel, optimizer, mesh, state_sh: TrainState, init_meta: dict) -> TrainState:
     """Step 0: init_from's trunk and a zero head (a reward run's init_from: its trunk and head)."""
     if init_meta.get("stage") == "reward":
-        params, _ = checkpoint.load_params(cfg.init_from, shardings=state_sh.params)
+        params, _ = init_source.load_params(cfg.init_from, shardings=state_sh.params)
     else:
         if cfg.init_from:
-            trunk, _ = checkpoint.load_params(cfg.init_from, shardings=state_sh.params["trunk"])
+            trunk, _ = init_source.load_params(cfg.init_from, shardings=state_sh.params["trunk"])
         else:
             with sharding.use_rules(mesh):
                 trunk = jax.jit(rm.trunk.init, out_shardings=state_sh.params["trunk"])(
@@ -194,7 +189,7 @@ def reference_sequences(cfg, files: dict, tokenizer: Tokenizer, init_meta: dict)
     prompts_file = prompts_file or files["valid"] or files["train"]
     source = DocumentSource(prompts_file.split(","), parse=_prompt)
     prompts = [source[i % len(source)] for i in range(n)]  # fewer prompts than samples: several answers each
-    policy_params, policy_meta = checkpoint.load_params(cfg.init_from)
+    policy_params, policy_meta = init_source.load_params(cfg.init_from)
     policy = Model(ModelConfig(**policy_meta["model"]))
     out = chat.generate_responses(policy, policy_params, tokenizer, prompts, max_new_tokens=cfg.normalize.max_new_tokens,
                                   rng=jax.random.PRNGKey(cfg.normalize.seed), temperature=cfg.normalize.temperature,
@@ -239,7 +234,7 @@ def main(argv):
     state_sh = state_shardings(rm, optimizer, mesh)
     train_iter = pair_iterator(cfg, train_pairs, tokenizer, train=True)
     meta = {"stage": "reward", "model": dataclasses.asdict(model_cfg),
-            "tokenizer": os.path.join(workdir, "tokenizer.model"), "config": cfg.to_dict(),
+            "tokenizer": init_source.workdir_tokenizer(workdir), "config": cfg.to_dict(),
             "init_from": cfg.init_from, "init_meta": init_meta}
     restored = None
     if ckpt.latest_step() is not None:

@@ -3,14 +3,17 @@ r"""Supervised fine-tuning: next-token loss on the assistant's turns of chat con
     python -m experiments.sft --config=experiments/configs/sft_tiny.py --workdir=DIR \
         --config.init_from=PRETRAIN_WORKDIR [--config.data.train_files='sft/*.jsonl'] [--config.train.steps=500]
 
-Starts from a pretraining (or SFT) run's weights, model config and tokenizer (`init_from`), or
-from a fresh model. With no data flags it trains on TinyWorld's demonstrations (generated into
+Starts from a pretraining (or SFT) run's weights, model config and tokenizer (`init_from`), from
+a local Hugging Face checkpoint (`--config.init_from=hf:/models/Qwen2.5-0.5B`: its weights, its
+tokenizer and its chat template, which then defines the prompts and loss masks), or from a fresh
+model. With no data flags it trains on TinyWorld's demonstrations (generated into
 DIR/data, or read from --config.data.dir) and finally scores greedy answers to TinyWorld's
 held-out prompts with the gold judge, before and after SFT (DIR/eval.json, metrics.jsonl).
 
 Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/ (meta: stage,
-model, tokenizer, config), DIR/tokenizer.model and DIR/samples.txt. Running the same command
-again resumes from the newest checkpoint in DIR (SIGTERM saves one first).
+model, tokenizer, config), DIR/tokenizer.model (DIR/tokenizer/ for a Hugging Face tokenizer) and
+DIR/samples.txt. Running the same command again resumes from the newest checkpoint in DIR
+(SIGTERM saves one first).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, metrics as metrics_lib, optim, runtime, sharding
+from jaxlm import checkpoint, init_source, metrics as metrics_lib, optim, runtime, sharding
 from jaxlm.data import chat, sft
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
+from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
 from jaxlm.train_state import TrainState, abstract_with_shardings, state_shardings
@@ -93,20 +97,14 @@ def sample_prompts(cfg, files: dict) -> list:
 
 
 def prepare_model(cfg, workdir: str, ckpt: checkpoint.Checkpointer, train_files: str) -> tuple[ModelConfig, Tokenizer]:
-    """Model config and tokenizer: from this run's checkpoint (resume), from init_from, or fresh."""
+    """Model config and tokenizer: from this run's checkpoint (resume), from init_from (a jaxlm
+    run or hf:PATH; its tokenizer is copied into the workdir), or fresh."""
     local = os.path.join(workdir, "tokenizer.model")
     if ckpt.latest_step() is not None:
-        return ModelConfig(**ckpt.restore_meta()["model"]), Tokenizer.load(local)
+        return ModelConfig(**ckpt.restore_meta()["model"]), load_tokenizer(init_source.workdir_tokenizer(workdir))
     if cfg.init_from:
-        source = checkpoint.Checkpointer(checkpoint.checkpoint_dir(cfg.init_from), async_save=False)
-        if source.latest_step() is None:
-            raise FileNotFoundError(f"--config.init_from={cfg.init_from} holds no checkpoint")
-        meta = source.restore_meta()
-        source.close()
-        if jax.process_index() == 0:
-            shutil.copyfile(meta["tokenizer"], local)
-        runtime.barrier("tokenizer")
-        return ModelConfig(**meta["model"]), Tokenizer.load(local)
+        meta = init_source.load_meta(cfg.init_from, "init_from")
+        return ModelConfig(**meta["model"]), init_source.copy_tokenizer(meta, workdir)
     if jax.process_index() == 0 and not os.path.exists(local):
         if cfg.data.tokenizer:
             shutil.copyfile(Tokenizer.load(cfg.data.tokenizer).path, local)
@@ -131,7 +129,7 @@ def _conversation_text(obj: dict) -> str:
 def initial_state(cfg, model: Model, optimizer, mesh, state_sh: TrainState) -> TrainState:
     """Step 0: init_from's weights (loaded straight onto their shardings) or a fresh init."""
     if cfg.init_from:
-        params, meta = checkpoint.load_params(cfg.init_from, shardings=state_sh.params)
+        params, meta = init_source.load_params(cfg.init_from, shardings=state_sh.params)
         print(f"Initialised from {cfg.init_from} ({meta.get('stage', '?')} run)", flush=True)
     else:
         with sharding.use_rules(mesh):
@@ -220,7 +218,8 @@ def main(argv):
 
     state_sh = state_shardings(model, optimizer, mesh)
     train_iter = sft_iterator(cfg, train_examples, tokenizer, train=True)
-    meta = {"stage": "sft", "model": dataclasses.asdict(model_cfg), "tokenizer": os.path.join(workdir, "tokenizer.model"),
+    meta = {"stage": "sft", "model": dataclasses.asdict(model_cfg),
+            "tokenizer": init_source.workdir_tokenizer(workdir),
             "config": cfg.to_dict(), "init_from": cfg.init_from}
     restored = None
     if ckpt.latest_step() is not None:

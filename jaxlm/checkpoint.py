@@ -173,11 +173,24 @@ def load_params(path: str, step: int | None = None, *, item: str = "params", sha
 
 
 def load_for_inference(path: str, step: int | None = None):
-    """(model, params, tokenizer) from a run's workdir, for sampling and evaluation."""
-    from jaxlm.data.tokenizer import Tokenizer
+    """(model, params, tokenizer) from a run's workdir, or from a Hugging Face directory given as
+    'hf:PATH', for sampling and evaluation.
+
+    The tokenizer is whatever the run recorded in its meta: jaxlm's SentencePiece model or a
+    Hugging Face tokenizer directory (runs started from `hf:`), both read by
+    `hf_tokenizer.load_tokenizer`.
+    """
+    from jaxlm.hf_tokenizer import load_tokenizer
     from jaxlm.model import Model, ModelConfig
 
-    params, meta = load_params(path, step)
+    if path.startswith("hf:"):
+        if step is not None:
+            raise ValueError(f"{path} is a Hugging Face directory: it has no checkpoint steps")
+        from jaxlm import init_source
+
+        params, meta = init_source.load_params(path)
+    else:
+        params, meta = load_params(path, step)
     model = Model(ModelConfig(**meta["model"]))
-    tokenizer = Tokenizer.load(meta["tokenizer"])
+    tokenizer = load_tokenizer(meta["tokenizer"])
     return model, params, tokenizer

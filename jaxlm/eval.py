@@ -96,7 +96,7 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
     kl_values: list[float] = []
     seq_logp = _sequence_logp_fn(model)
     for i, (start, n, tokens, lengths) in enumerate(_batches(encoded, batch_size, tokenizer.pad_id, bucket)):
-        common = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        common = dict(max_new_tokens=max_new_tokens, eos_id=chat.stop_ids(tokenizer), pad_id=tokenizer.pad_id)
         greedy = sampling.generate(model, params, tokens, lengths, rng=None, greedy=True, **common)
         if reward is not None:
             batch = _layout(tokens, lengths, greedy.tokens, greedy.mask)

@@ -412,10 +412,13 @@ def _weight_prefix(names: set[str]) -> str:
 
 
 def load_params(path: str, cfg: model_lib.ModelConfig | None = None, mesh: Mesh | None = None,
-                rules=sharding.DEFAULT_RULES, *, score_head: bool = False) -> Params:
+                rules=sharding.DEFAULT_RULES, *, score_head: bool = False, shardings: Any = None) -> Params:
     """The params tree of `path`'s weights, each leaf created in its sharding on `mesh`.
 
-    mesh=None puts everything on the first local device. With score_head=True the tree is a
+    mesh=None puts everything on the first local device. `shardings` (a tree of
+    jax.sharding.Sharding matching the result, e.g. a stage's `state_shardings(...).params`)
+    overrides mesh/rules: a stage binary passes the very shardings its train state uses, so the
+    weights are born where the step expects them. With score_head=True the tree is a
     reward model's `{"trunk": ..., "head": {"kernel", "bias"}}` read from a
     ...ForSequenceClassification checkpoint. Every tensor in the checkpoint must be used
     (a leftover, e.g. an o_proj bias, means an architecture we would silently get wrong).
@@ -431,7 +434,12 @@ def load_params(path: str, cfg: model_lib.ModelConfig | None = None, mesh: Mesh 
         model = model_lib.Model(cfg)
         abstract, axes = model.abstract_params(), model.logical_axes()
         flat_abstract = _flatten(abstract)
-        flat_shardings = _flatten(_target_shardings(abstract, axes, mesh, rules))
+        trunk_shardings = (shardings["trunk"] if score_head else shardings) if shardings is not None else \
+            _target_shardings(abstract, axes, mesh, rules)
+        flat_shardings = _flatten(trunk_shardings)
+        if set(flat_shardings) != set(flat_abstract):
+            raise ValueError(f"shardings {sorted(flat_shardings)} do not match the model's parameters "
+                             f"{sorted(flat_abstract)}")
         if set(flat_abstract) != set(table):
             raise RuntimeError(f"jaxlm.model's parameters {sorted(flat_abstract)} no longer match the HF weight "
                                f"table {sorted(table)}: update jaxlm.hf._weight_table")
@@ -469,7 +477,7 @@ def load_params(path: str, cfg: model_lib.ModelConfig | None = None, mesh: Mesh 
             raise UnsupportedCheckpointError(f"{path}: a reward model needs score.weight of shape (1, {cfg.d_model})")
         head = {"kernel": reader.read("score.weight")[0], "bias": np.float32(hf.get(SCORE_BIAS_KEY, 0.0))}
         head_axes = {"kernel": ("embed",), "bias": ()}
-        head_sh = _target_shardings(head, head_axes, mesh, rules)
+        head_sh = shardings["head"] if shardings is not None else _target_shardings(head, head_axes, mesh, rules)
         head = jax.tree.map(lambda x, s: jax.device_put(x, s), head, head_sh)
         return {"trunk": params, "head": head}
     finally:

@@ -21,11 +21,13 @@ Chat templates are rendered with jinja2 in a sandbox, with the variables `transf
 tokens to generate from; `encode_chat_example(messages)` gives (tokens, loss_mask) with
 `loss_mask[t] = 1` on the tokens of every assistant turn up to and including the token that
 closes it (the template's EOS / end-of-turn token, so the model learns to stop), and 0
-elsewhere: exactly jaxlm's chat contract, with the checkpoint's own format. Assistant spans are
-found by rendering the conversation up to each assistant turn with `add_generation_prompt=True`
-and checking it is a prefix of the conversation with that turn (templates that rewrite earlier
-turns, e.g. drop old reasoning, are refused with an error); a token is a target when it starts
-inside a span.
+elsewhere: exactly jaxlm's chat contract, with the checkpoint's own format. Assistant turns are
+found by rendering the conversation up to each of them with `add_generation_prompt=True` and
+checking that it is a prefix of the conversation, as text and as tokens (templates that rewrite
+earlier turns, e.g. drop old reasoning, or a prompt whose last token merges with the answer's
+first, are refused with an error): the turn's targets are the tokens after that prefix, through
+its first stop token. `stop_ids` are EOS, generation_config.json's eos ids and the template's
+end-of-turn token (found by rendering a probe conversation), for samplers to stop on.
 
 The pad id: checkpoints without a pad token (Llama 2/3) get `pad_id = eos_id`. jaxlm marks
 padding with segment ids and masks, never by token value, so the filler id changes nothing.
@@ -112,8 +114,8 @@ class HFTokenizer:
 
         generation = self._json("generation_config.json")
         stops = generation.get("eos_token_id")
-        stops = [stops] if isinstance(stops, int) else list(stops or [])
-        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([i for i in [self.eos_id, *stops] if i >= 0]))
+        self._generation_stops = [stops] if isinstance(stops, int) else list(stops or [])
+        self._stop_ids: tuple[int, ...] | None = None
 
         self.chat_template = self._find_chat_template(config)
         self._compiled_template = None
@@ -287,6 +289,47 @@ class HFTokenizer:
             return piece
         return self._sp.IdToPiece(token_id)
 
+    @property
+    def special_strings(self) -> tuple[str, ...]:
+        """Every special/added token's text (longest first): in text, each encodes as its one token."""
+        return tuple(self._specials)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generated turn: EOS, `generation_config.json`'s eos_token_id(s), and the
+        chat template's end-of-turn token (e.g. `<|im_end|>`, `<|eot_id|>`).
+
+        A base checkpoint often has EOS `<|endoftext|>` while its template closes assistant turns
+        with another token; a model fine-tuned on the template stops with that one, so samplers
+        must stop on it too (`jaxlm.data.chat.stop_ids`).
+        """
+        if self._stop_ids is None:
+            turn = self._end_of_turn_id()
+            ids = [self.eos_id, *self._generation_stops, *([] if turn is None else [turn])]
+            self._stop_ids = tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and 0 <= i < self.vocab_size))
+        return self._stop_ids
+
+    def _end_of_turn_id(self) -> int | None:
+        """The special token the template writes right after an assistant message's text, if any."""
+        if self.chat_template is None or self._special_re is None:
+            return None
+        probe = "jaxlm end of turn probe"
+        for messages in ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                         [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": probe}]):
+            try:
+                text = self.render_chat(messages)
+            except Exception:  # Templates may insist on a system turn, or refuse the probe: try the next.
+                continue
+            at = text.rfind(probe)
+            if at < 0:
+                continue
+            match = self._special_re.search(text, at + len(probe))
+            if match is not None and not text[at + len(probe):match.start()].strip():
+                return self._lookup(match.group())
+            return None
+        return None
+
     # --- Chat template ----------------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
@@ -308,13 +351,19 @@ class HFTokenizer:
         """(tokens, loss_mask) of a conversation; the mask covers each assistant turn and its closing token.
 
         Tokens are the whole rendered conversation encoded at once (= apply_chat_template with
-        tokenize=True). Raises ValueError when the template is not prefix-consistent, since then
-        no token span can be attributed to the assistant.
+        tokenize=True). For each assistant turn, the conversation before it is rendered with
+        `add_generation_prompt=True`: those tokens must be a prefix of the whole conversation's
+        (what the model is prompted with at sampling time is then exactly what it was trained to
+        continue), and the turn's targets are the tokens after that prefix, up to and including
+        the first stop token (`stop_ids`; what follows, e.g. a newline, is never generated).
+        Raises ValueError, naming the message, when the template is not prefix-consistent as
+        text (it rewrites earlier turns) or as tokens (a merge across the prompt's end).
         """
         messages = [dict(m) for m in messages]
         text = self.render_chat(messages)
-        stops = [self.id_to_piece(i) for i in self.stop_ids]
-        spans = []
+        ids, offsets = self.encode_with_offsets(text)
+        stops = set(self.stop_ids)
+        mask = [0] * len(ids)
         for k, m in enumerate(messages):
             if m.get("role") != "assistant":
                 continue
@@ -324,15 +373,18 @@ class HFTokenizer:
                 raise ValueError(f"the chat template of {self.path} does not render message {k} (assistant) as "
                                  "an extension of the conversation before it; cannot tell which tokens are the "
                                  "assistant's")
-            start, end = len(prefix), len(through)
-            closing = [text.find(s, start, end) for s in stops]
-            closing = [(i, len(s)) for i, s in zip(closing, stops) if i >= 0]
-            if closing:  # Stop after the end-of-turn token: what follows (e.g. "\n") is never generated.
-                i, n = min(closing)
-                end = i + n
-            spans.append((start, end))
-        ids, offsets = self.encode_with_offsets(text)
-        mask = [int(any(a <= s < b for a, b in spans)) for s, _ in offsets]
+            prompt_ids = self.encode(prefix)
+            start = len(prompt_ids)
+            if ids[:start] != prompt_ids:
+                raise ValueError(
+                    f"the chat template of {self.path}: the generation prompt before message {k} (assistant) "
+                    f"tokenizes differently inside the conversation (prompt ends {prefix[-20:]!r}, "
+                    f"conversation continues {text[len(prefix):len(prefix) + 20]!r}): training tokens would not "
+                    "match what the model is prompted with")
+            end = next((t for t in range(start, len(ids)) if offsets[t][0] >= len(through)), len(ids))
+            closing = next((t for t in range(start, end) if ids[t] in stops), None)
+            end = end if closing is None else closing + 1
+            mask[start:end] = [1] * (end - start)
         return ids, mask
 
 

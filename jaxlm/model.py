@@ -398,6 +398,15 @@ class Model:
         abstract_module = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
         self.graphdef, self._abstract_state = nnx.split(abstract_module)
 
+    # Equal (and hashed) by config: every handle of one config computes the same function, so the
+    # jitted functions that take the handle as a static argument compile once per config, not once
+    # per handle (an evaluation that loads five checkpoints of one shape compiles once).
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.cfg == self.cfg
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.cfg))
+
     def init(self, rng: jax.Array) -> Params:
         return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(params=rng))))
 

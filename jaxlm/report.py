@@ -17,7 +17,8 @@ from __future__ import annotations
 import html
 import json
 import os
-from typing import Any, Sequence
+import time
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,13 @@ def _read_jsonl(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _finished(pipeline_dir: str, stage: str) -> bool:
@@ -224,13 +232,18 @@ def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str,
     accs = [r for r in rm if "eval_accuracy" in r]
     if accs:
         bayes = next((r.get("bayes_accuracy") for r in reversed(rm) if "bayes_accuracy" in r), None)
+        if bayes is None:  # Pairs sampled by tools.make_preferences: the labels' Bayes accuracy is in its summary.
+            summary = _read_json(os.path.join(pipeline_dir, "preferences", "summary.json"))
+            bayes = summary.get("preferences", {}).get("valid", {}).get("bayes_accuracy")
         parts += [f"Reward model held-out accuracy: {accs[-1]['eval_accuracy']:.3f}"
                   + (f" (Bayes accuracy of the labels: {bayes:.3f})" if bayes else ""), ""]
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
     if ppo and "kl_k1" in ppo[-1]:
         last = ppo[-1]
-        parts += [f"PPO final iteration: KL to SFT {last['kl_k1']:.3f} nats (target "
-                  f"{last.get('kl_target', '–')}), β {_fmt(last.get('beta'), 4)}, proxy reward "
+        kl = _read_json(os.path.join(pipeline_dir, "ppo", "config.json")).get("kl", {})
+        target = f"adaptive β, target {kl['target']}" if kl.get("adaptive") else f"fixed β {kl.get('init_coef', '–')}"
+        parts += [f"PPO final iteration: KL to SFT {last['kl_k1']:.3f} nats ({target}), "
+                  f"β {_fmt(last.get('beta'), 4)}, proxy reward "
                   f"{_fmt(last.get('score'))}.", ""]
     for title, path in plots:
         parts += [f"## {title}", "", f"![{title}]({path})", ""]
@@ -281,10 +294,12 @@ def _html(markdown: str) -> str:
 
 
 def evaluate_and_report(pipeline_dir: str, data_dir: str, cfg, timings: dict[str, float]) -> str:
+    start = time.perf_counter()
     results = evaluate_models(pipeline_dir, data_dir, cfg)
     with open(os.path.join(pipeline_dir, "evaluation.json"), "w") as f:
         json.dump(results, f, indent=1)
     plots = make_plots(pipeline_dir, os.path.join(pipeline_dir, "plots"))
+    timings = {**timings, "evaluate": time.perf_counter() - start}  # This run's evaluation, not an earlier one.
     text = write_report(pipeline_dir, results, timings, plots, cfg.examples)
     print(table(results), flush=True)
     return text

@@ -36,6 +36,15 @@ class ScalarHeadModel:
         self.cfg = cfg
         self.trunk = Model(cfg)
 
+    # Equal (and hashed) by config: every handle of one config computes the same function, so the
+    # jitted functions that take the handle as a static argument compile once per config, not once
+    # per handle (an evaluation that loads five checkpoints of one shape compiles once).
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.cfg == self.cfg
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.cfg))
+
     def init(self, rng: jax.Array, trunk_params: Params | None = None) -> Params:
         """A zero head (so every score starts at exactly 0) on a fresh or given trunk."""
         trunk = trunk_params if trunk_params is not None else self.trunk.init(rng)

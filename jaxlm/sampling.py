@@ -13,9 +13,11 @@ Design decisions:
   producing NaNs in the cache). Generated tokens continue the row's positions, so a row's
   tokens and log-probs do not depend on how much padding its batch needed.
 - **One compiled function** per (model, batch, prompt length, max_new_tokens, top_k, whether
-  top-p is on, greedy, mesh). Temperature, top_p, eos_id and pad_id are traced scalars, so
-  changing them does not recompile. `Model` objects hash by identity: reuse one `Model`.
-- **Early exit.** `lax.while_loop` stops when every row has emitted EOS, else after
+  top-p is on, greedy, mesh). Temperature, top_p, the stop ids and pad_id are traced, so
+  changing them does not recompile (only the number of stop ids is part of the shape). `Model`
+  objects hash by identity: reuse one `Model`.
+- **Early exit.** `lax.while_loop` stops when every row has emitted EOS (or any of several stop
+  ids, e.g. a chat template's end-of-turn token besides EOS), else after
   `max_new_tokens`. Rows that ended keep computing (fixed shapes) but are fed with segment id 0,
   so what they write to the cache is invisible; their outputs are `pad_id`, mask 0, log-prob 0.
 - **Log-probs** are those of the full temperature-scaled distribution, log_softmax(logits / T),
@@ -321,6 +323,11 @@ def _decode_step(decoder: _Decoder, cache: _Cache, tokens, positions, segments, 
     return decoder.logits(hidden)[:, 0], cache
 
 
+def _is_stop(token, stop_ids):
+    """[B] bool: the token is one of stop_ids ([S] int32; -1 entries never match)."""
+    return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+
+
 def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_id, pad_id, *,
                      max_new_tokens, top_k, use_top_p, greedy):
     b, p = prompt_tokens.shape
@@ -336,7 +343,7 @@ def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperat
         jnp.arange(n)) if not greedy else jnp.zeros((n, b), jnp.float32)  # [N, B]
     uniforms = sharding.constrain(uniforms, (None, "batch"))
     token, logp = sample(logits, uniforms[0])
-    ended = token == eos_id
+    ended = _is_stop(token, eos_id)
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)
     mask = jnp.zeros((b, n), jnp.int32).at[:, 0].set(1)
@@ -356,7 +363,7 @@ def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperat
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, logp, i, axis=1)
         mask = jax.lax.dynamic_update_index_in_dim(mask, (~ended).astype(jnp.int32), i, axis=1)
-        return i + 1, cache, token, tokens, logprobs, mask, ended | (token == eos_id)
+        return i + 1, cache, token, tokens, logprobs, mask, ended | _is_stop(token, eos_id)
 
     state = (jnp.ones((), jnp.int32), cache, token, tokens, logprobs, mask, ended)
     steps, _, _, tokens, logprobs, mask, ended = jax.lax.while_loop(cond, body, state)
@@ -369,7 +376,7 @@ _generate_jit = jax.jit(_generate_impl, static_argnames=("model", "max_new_token
 
 
 def _check_inputs(model: Model, tokens: np.ndarray, lengths: np.ndarray, max_new_tokens: int, temperature: float,
-                  top_k: int, top_p: float, eos_id: int | None, greedy: bool, rng) -> None:
+                  top_k: int, top_p: float, eos_ids: tuple[int, ...], greedy: bool, rng) -> None:
     """Host-side validation: every error names the offending row and value."""
     cfg = model.cfg
     if tokens.ndim != 2:
@@ -385,8 +392,9 @@ def _check_inputs(model: Model, tokens: np.ndarray, lengths: np.ndarray, max_new
         raise ValueError(f"top_k must be in [0, vocab_size={cfg.vocab_size}] (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    for eos_id in eos_ids:
+        if not 0 <= eos_id < cfg.vocab_size:
+            raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
     if rng is None and not greedy:
         raise ValueError("sampling needs an explicit rng key (rng=None is only allowed with greedy=True)")
     for row, n in enumerate(lengths.tolist()):
@@ -407,17 +415,20 @@ def _check_inputs(model: Model, tokens: np.ndarray, lengths: np.ndarray, max_new
 
 
 def generate(model: Model, params, prompt_tokens, prompt_lengths, *, max_new_tokens: int, rng: jax.Array | None,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None, pad_id: int,
-             greedy: bool = False, mesh: Mesh | None = None) -> SampleOutput:
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None,
+             pad_id: int, greedy: bool = False, mesh: Mesh | None = None) -> SampleOutput:
     """Sample up to `max_new_tokens` continuations of a left-padded prompt batch.
 
     prompt_tokens: [B, P] int32, each row's prompt right-aligned (left padding);
     prompt_lengths: [B] int32, real tokens per row (>= 1). Inputs are checked on the host first.
-    eos_id=None never stops early. See the module docstring for the log-prob convention.
+    eos_id: one stop id, or several (a chat template's end-of-turn token besides EOS,
+    `jaxlm.data.chat.stop_ids`): a row ends at the first of them. None never stops early. See the
+    module docstring for the log-prob convention.
     """
     tokens_np = np.asarray(prompt_tokens)
     lengths_np = np.asarray(prompt_lengths)
-    _check_inputs(model, tokens_np, lengths_np, max_new_tokens, temperature, top_k, top_p, eos_id, greedy, rng)
+    eos_ids = () if eos_id is None else (int(eos_id),) if np.ndim(eos_id) == 0 else tuple(int(i) for i in eos_id)
+    _check_inputs(model, tokens_np, lengths_np, max_new_tokens, temperature, top_k, top_p, eos_ids, greedy, rng)
     max_new_tokens = int(max_new_tokens)
     p = tokens_np.shape[1]
     if p + max_new_tokens > model.cfg.max_seq_len:  # Only padding overflows (rows were checked): trim it.
@@ -433,7 +444,7 @@ def generate(model: Model, params, prompt_tokens, prompt_lengths, *, max_new_tok
         prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
         prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
     return _generate_jit(model, params, prompt_tokens, prompt_lengths, rng, jnp.float32(temperature),
-                         jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
+                         jnp.float32(top_p), jnp.asarray(eos_ids or (-1,), jnp.int32), jnp.int32(pad_id),
                          max_new_tokens=max_new_tokens, top_k=int(top_k), use_top_p=bool(top_p < 1.0),
                          greedy=bool(greedy), mesh=mesh)
 

@@ -31,9 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer_vocab_size = 1024
     c.pretrain = _stage("experiments/configs/pretrain_tiny.py", "--config.train.steps=500 --config.train.samples=0")
     c.sft = _stage("experiments/configs/sft_tiny.py", "")
-    # Preference pairs sampled from the SFT model and labelled by the gold judge with Bradley-Terry noise.
-    c.preferences = ml_collections.ConfigDict(dict(num_prompts=1200, samples_per_prompt=4, temperature=1.0,
-                                                   flags=""))
+    # Preference pairs: sampled from the SFT model and labelled by the gold judge with Bradley-Terry
+    # noise ('sft_samples'), or TinyWorld's ready-made pairs ('tinyworld'). flags: tools.make_preferences.
+    c.preferences = ml_collections.ConfigDict(dict(source="sft_samples", train_prompts=1200, valid_prompts=300,
+                                                   num_samples=4, pairs_per_prompt=2, temperature=1.0, flags=""))
     c.reward = _stage("experiments/configs/reward_tiny.py", "")
     c.ppo = _stage("experiments/configs/ppo_tiny.py", "")
     c.dpo = _stage("experiments/configs/dpo_tiny.py", "")

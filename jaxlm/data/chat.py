@@ -26,9 +26,23 @@ first, then user and assistant turns alternating, starting with the user. Every 
 be a non-empty string; anything else raises ValueError saying which message is wrong (the data
 pipelines turn that into an error naming the file and line).
 
-Left out on purpose: tool/function-call roles, per-turn "train on this turn" flags, chat
-templates in Jinja (one explicit template in code is easier to check than a template language),
-and a generation prompt for anything but the assistant.
+Checkpoints from Hugging Face bring their own format. When the tokenizer has a chat template
+(`jaxlm.hf_tokenizer.HFTokenizer` with a `chat_template`, e.g. ChatML's `<|im_start|>` /
+`<|im_end|>` or Llama 3's headers and `<|eot_id|>`), every function here follows it instead, with
+the same contract: `encode_prompt` renders the conversation with `add_generation_prompt=True`;
+`encode_example` renders the whole conversation, and each assistant turn's targets are the
+tokens after its generation prompt, through the token that closes it (the prompt's tokens must
+be a prefix of the conversation's, else a ValueError says which message). Tokens the template
+writes after the last assistant turn's closing token (ChatML's trailing newline) are dropped, so
+`encode_prompt(p) + response tokens + closing token == encode_example(p, response)` holds here
+too: a reward model scores a PPO rollout exactly as it was trained to. Generation stops on any of
+`stop_ids(tokenizer)` (EOS plus the template's end-of-turn token). Content that contains one of
+the tokenizer's special-token strings is refused, as role markers are for jaxlm's format.
+jaxlm's own SentencePiece tokenizers keep jaxlm's format above, unchanged.
+
+Left out on purpose: tool/function-call roles, per-turn "train on this turn" flags, Jinja
+templates for jaxlm's own tokenizers (one explicit template in code is easier to check than a
+template language), and a generation prompt for anything but the assistant.
 """
 
 from __future__ import annotations
@@ -45,11 +59,28 @@ MARKERS = {SYSTEM: "<|system|>", USER: "<|user|>", ASSISTANT: "<|assistant|>"}
 Messages = list[dict[str, str]]
 
 
+def has_chat_template(tokenizer) -> bool:
+    """True when the tokenizer brings its own chat template (a Hugging Face checkpoint's)."""
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """The ids a chat response ends with: EOS, plus the template's end-of-turn token(s) if any.
+
+    Pass them to `sampling.generate(eos_id=...)`; `decode_response` cuts at the first of them.
+    """
+    ids = getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,)
+    return tuple(i for i in ids if i >= 0)
+
+
 def _marker_ids(tokenizer) -> dict[str, int]:
     ids = {}
     for role, piece in MARKERS.items():
         i = tokenizer.piece_to_id(piece)
         if i < 0 or i == tokenizer.unk_id or tokenizer.id_to_piece(i) != piece:
+            if hasattr(tokenizer, "chat_template"):  # A Hugging Face tokenizer without a template.
+                raise ValueError(f"{tokenizer} has no chat template and no jaxlm role markers: add a "
+                                 f"'chat_template' (e.g. ChatML) to {tokenizer.path}/tokenizer_config.json")
             raise ValueError(f"{tokenizer} has no single token for the role marker {piece!r}; "
                              "train the tokenizer with jaxlm.data.tokenizer.train_tokenizer")
         ids[role] = i
@@ -116,17 +147,39 @@ def _encode(tokenizer, messages: Messages) -> tuple[list[int], list[int]]:
     return tokens, mask
 
 
+def _check_specials(tokenizer, messages: Messages) -> None:
+    """Refuse content that holds a special-token string: it would encode as that token and could
+    fake a turn boundary of the template."""
+    specials = getattr(tokenizer, "special_strings", ())
+    for i, m in enumerate(messages):
+        for special in specials:
+            if special in m["content"]:
+                raise ValueError(f"message {i} content contains the special token {special!r}")
+
+
+def _encode_with_template(tokenizer, messages: Messages) -> tuple[list[int], list[int]]:
+    _check_specials(tokenizer, messages)
+    tokens, mask = tokenizer.encode_chat_example(messages)
+    last = max((t for t, m in enumerate(mask) if m), default=-1)
+    if last < 0:
+        raise ValueError(f"the chat template of {tokenizer.path} left no assistant token to learn")
+    return tokens[:last + 1], mask[:last + 1]  # What follows the closing token is never generated.
+
+
 def encode_example(tokenizer, prompt_or_messages: str | Sequence[Mapping[str, Any]],
                    response: str | None = None) -> tuple[list[int], list[int]]:
     """(tokens, loss_mask) of a whole conversation that ends with an assistant turn.
 
     `encode_example(tok, "What is 2 plus 2?", "2 plus 2 is 4.")` or
     `encode_example(tok, [{"role": "user", ...}, {"role": "assistant", ...}, ...])`.
-    loss_mask is 1 exactly on assistant tokens and the EOS closing each assistant turn.
+    loss_mask is 1 exactly on assistant tokens and the EOS (or the template's end-of-turn token)
+    closing each assistant turn.
     """
     messages = to_messages(prompt_or_messages, response)
     if messages[-1]["role"] != ASSISTANT:
         raise ValueError("the conversation must end with an assistant message (nothing to learn otherwise)")
+    if has_chat_template(tokenizer):
+        return _encode_with_template(tokenizer, messages)
     return _encode(tokenizer, messages)
 
 
@@ -139,25 +192,30 @@ def encode_prompt(tokenizer, prompt_or_messages: str | Sequence[Mapping[str, Any
     messages = to_messages(prompt_or_messages)
     if messages[-1]["role"] != USER:
         raise ValueError("a prompt must end with a user message (the assistant answers it)")
+    if has_chat_template(tokenizer):
+        _check_specials(tokenizer, messages)
+        return tokenizer.encode_chat_prompt(messages)
     tokens, _ = _encode(tokenizer, messages)
     return tokens + [_marker_ids(tokenizer)[ASSISTANT]]
 
 
 def decode_response(tokenizer, ids) -> str:
-    """Text of a generated response: the ids up to (not including) the first EOS; pads dropped."""
+    """Text of a generated response: the ids up to (not including) the first stop id (EOS, or the
+    template's end-of-turn token); pads dropped."""
     ids = [int(i) for i in ids]
-    if tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]
+    stops = set(stop_ids(tokenizer))
+    end = next((t for t, i in enumerate(ids) if i in stops), len(ids))
+    ids = ids[:end]
     # Ids past the tokenizer (a model vocabulary padded to a multiple of 128) have no text.
     limit = getattr(tokenizer, "vocab_size", None) or len(ids) + max(ids, default=0) + 1
     return tokenizer.decode([i for i in ids if i < limit])
 
 
 class Responses(NamedTuple):
-    texts: list[str]  # decoded, up to the first EOS
-    tokens: list[list[int]]  # generated ids, the closing EOS included when the row ended
+    texts: list[str]  # decoded, up to the first stop id (EOS)
+    tokens: list[list[int]]  # generated ids, the closing stop id included when the row ended
     prompt_tokens: list[list[int]]  # encode_prompt of each prompt
-    ended: list[bool]  # the response closed with EOS (False: cut at max_new_tokens)
+    ended: list[bool]  # the response closed with a stop id (False: cut at max_new_tokens)
 
 
 def generate_responses(model, params, tokenizer, prompts: Sequence[str | Sequence[Mapping[str, Any]]], *,
@@ -182,7 +240,7 @@ def generate_responses(model, params, tokenizer, prompts: Sequence[str | Sequenc
         prompt_tokens, lengths = sampling.prompts_to_batch(rows, tokenizer.pad_id, bucket)
         out = sampling.generate(model, params, prompt_tokens, lengths, max_new_tokens=max_new_tokens,
                                 rng=None if rng is None else jax.random.fold_in(rng, i), temperature=temperature,
-                                top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                top_k=top_k, top_p=top_p, eos_id=stop_ids(tokenizer), pad_id=tokenizer.pad_id,
                                 greedy=greedy, mesh=mesh)
         out_tokens, out_lengths, out_ended = jax.device_get((out.tokens, out.lengths, out.ended))
         for row in range(len(chunk)):

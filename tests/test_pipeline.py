@@ -1,0 +1,71 @@
+"""The main job end to end at toy sizes (experiments/configs/pipeline_smoke.py): every stage runs,
+hands its output to the next, and the report has a row per model; a rerun skips finished stages
+and resumes an unfinished one from its checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ["data", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo", "dpo", "cai", "evaluate"]
+MODELS = ["base", "SFT", "PPO", "DPO", "CAI"]
+
+
+def _pipeline(workdir):
+    return subprocess.run([sys.executable, "-m", "experiments.pipeline", f"--workdir={workdir}",
+                           "--config=experiments/configs/pipeline_smoke.py"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    result = _pipeline(workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return workdir, result.stdout
+
+
+def test_every_stage_finishes_and_the_report_has_a_row_per_model(run):
+    workdir, out = run
+    for i, stage in enumerate(STAGES, 1):
+        assert f"[{i}/{len(STAGES)}] {stage}: finished in" in out
+        assert os.path.exists(workdir / stage / "DONE"), stage
+    timings = json.load(open(workdir / "timings.json"))
+    assert list(timings) == STAGES and all(t >= 0 for t in timings.values())
+
+    evaluation = json.load(open(workdir / "evaluation.json"))
+    assert list(evaluation) == MODELS
+    prompts = [r["prompt"] for r in evaluation["SFT"]["records"]]
+    assert len(prompts) == 8
+    for name in MODELS:  # Every model answers the same prompts, scored the same way.
+        summary, records = evaluation[name]["summary"], evaluation[name]["records"]
+        assert [r["prompt"] for r in records] == prompts, name
+        assert 0.0 <= summary["gold"] <= 1.0 and "reward" in summary and "kl_to_reference" in summary, name
+        assert 0.0 <= summary["redteam_harmful_or_rude"] <= 1.0, name
+    assert evaluation["SFT"]["summary"]["kl_to_reference"] == 0.0  # SFT is the reference
+
+    report = open(workdir / "report.md").read()
+    table = [line for line in report.splitlines() if line.startswith("| ") and "|---" not in line]
+    assert table[0].startswith("| model | gold score |")
+    assert [row.split("|")[1].strip() for row in table[1:6]] == MODELS
+    assert "Reward model held-out accuracy" in report and "PPO final iteration: KL to SFT" in report
+    for plot in ("losses.png", "ppo_reward_vs_kl.png", "dpo_margins.png"):
+        assert (workdir / "plots" / plot).stat().st_size > 1000, plot
+        assert f"plots/{plot}" in report
+    assert "## Wall time per stage" in report and "| **total** |" in report
+    assert os.path.exists(workdir / "report.html")
+
+
+def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one(run):
+    workdir, _ = run
+    os.remove(workdir / "dpo" / "DONE")  # As if the pipeline had been killed after DPO's last checkpoint.
+    result = _pipeline(workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for i, stage in enumerate(STAGES, 1):
+        if stage != "dpo":
+            assert f"[{i}/{len(STAGES)}] {stage}: done earlier" in result.stdout, stage
+    assert "Resuming from step 4" in result.stdout
+    assert os.path.exists(workdir / "dpo" / "DONE")
