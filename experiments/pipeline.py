@@ -124,9 +124,13 @@ class Pipeline:
         answers, so the reward model learns to rank what PPO will show it. source='tinyworld':
         TinyWorld's ready-made pairs (reference answers against hand-made flaws), like a static
         human-preference dataset; a model too weak to finish its answers (the smoke config's) can
-        still be taken through every later stage.
+        still be taken through every later stage. 'sft_samples+tinyworld': both kinds for
+        training, the sampled pairs alone held out.
         """
         p, out = self.cfg.preferences, self.path("preferences")
+        sources = ("sft_samples", "tinyworld", "sft_samples+tinyworld")
+        if p.source not in sources:
+            raise app.UsageError(f"--config.preferences.source={p.source!r}: expected one of {sources}")
         if p.source == "tinyworld":
             os.makedirs(out, exist_ok=True)
             for name in ("preferences_train.jsonl", "preferences_valid.jsonl", "rl_prompts.jsonl"):
@@ -135,8 +139,6 @@ class Pipeline:
                 json.dump({"source": "tinyworld", "data_dir": self.data_dir}, f, indent=2)
             print(f"TinyWorld's preference pairs -> {out}", flush=True)
             return
-        if p.source != "sft_samples":
-            raise app.UsageError(f"--config.preferences.source={p.source!r}: expected 'sft_samples' or 'tinyworld'")
         cmd = [sys.executable, "-m", "tools.make_preferences", f"--checkpoint={self.path('sft')}",
                f"--data_dir={self.data_dir}", f"--out_dir={out}",
                f"--train_prompts={p.train_prompts}", f"--valid_prompts={p.valid_prompts}",
@@ -145,6 +147,16 @@ class Pipeline:
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             raise SystemExit("stage preferences failed; rerun the same pipeline command after fixing the cause")
+        if p.source == "sft_samples+tinyworld":  # Training pairs of both kinds; held out: the sampled ones only.
+            train = os.path.join(out, "preferences_train.jsonl")
+            with open(train) as f:
+                sampled = f.read()
+            with open(os.path.join(self.data_dir, "preferences_train.jsonl")) as f:
+                builtin = f.read()
+            with open(train + ".tmp", "w") as f:
+                f.write(sampled + builtin)
+            os.replace(train + ".tmp", train)
+            print(f"+ {builtin.count(chr(10))} TinyWorld pairs -> {train}", flush=True)
 
     def stage_reward(self):
         self.binary("experiments.reward", self.path("reward"), self.cfg.reward.config,

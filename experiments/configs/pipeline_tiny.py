@@ -32,10 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain = _stage("experiments/configs/pretrain_tiny.py", "--config.train.steps=500 --config.train.samples=0")
     c.sft = _stage("experiments/configs/sft_tiny.py", "")
     # Preference pairs: sampled from the SFT model and labelled by the gold judge with Bradley-Terry
-    # noise ('sft_samples'), or TinyWorld's ready-made pairs ('tinyworld'). flags: tools.make_preferences.
-    c.preferences = ml_collections.ConfigDict(dict(source="sft_samples", train_prompts=1200, valid_prompts=300,
-                                                   num_samples=4, pairs_per_prompt=2, temperature=1.0, flags=""))
-    c.reward = _stage("experiments/configs/reward_tiny.py", "")
+    # noise ('sft_samples'), TinyWorld's ready-made pairs ('tinyworld'), or both for training with the
+    # sampled ones held out ('sft_samples+tinyworld'). flags: more tools.make_preferences flags.
+    c.preferences = ml_collections.ConfigDict(dict(source="sft_samples+tinyworld", train_prompts=1200,
+                                                   valid_prompts=300, num_samples=4, pairs_per_prompt=2,
+                                                   temperature=1.0, flags=""))
+    c.reward = _stage("experiments/configs/reward_tiny.py", "--config.train.steps=150 --config.train.eval_every=75 "
+                      "--config.train.checkpoint_every=75")
     c.ppo = _stage("experiments/configs/ppo_tiny.py", "")
     c.dpo = _stage("experiments/configs/dpo_tiny.py", "")
     c.cai = _stage("experiments/configs/cai_tiny.py", "")
