@@ -69,7 +69,9 @@ class Pipeline:
             with open(done, "w") as f:
                 json.dump({"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
             print(f"{header}: finished in {seconds:.0f}s", flush=True)
-        print(f"\nPipeline finished. Report: {self.path('report.md')}", flush=True)
+        report = self.path("report.md")
+        print("\nPipeline finished. " + (f"Report: {report}" if os.path.exists(report) else
+                                          "No report yet: it is written by the 'evaluate' stage."), flush=True)
 
     def _read_timings(self) -> dict:
         try:
@@ -119,13 +121,13 @@ class Pipeline:
     def stage_preferences(self):
         """Preference pairs for the reward model and DPO, in DIR/preferences/.
 
-        source='sft_samples' (the default, as in InstructGPT): the SFT model answers each prompt
+        source='sft_samples' (as in InstructGPT): the SFT model answers each prompt
         several times and the gold judge, with Bradley-Terry rater noise, labels pairs of its own
         answers, so the reward model learns to rank what PPO will show it. source='tinyworld':
         TinyWorld's ready-made pairs (reference answers against hand-made flaws), like a static
         human-preference dataset; a model too weak to finish its answers (the smoke config's) can
-        still be taken through every later stage. 'sft_samples+tinyworld': both kinds for
-        training, the sampled pairs alone held out.
+        still be taken through every later stage. 'sft_samples+tinyworld' (pipeline_tiny's default):
+        both kinds for training, the sampled pairs alone held out (summary.json counts both).
         """
         p, out = self.cfg.preferences, self.path("preferences")
         sources = ("sft_samples", "tinyworld", "sft_samples+tinyworld")
@@ -156,6 +158,13 @@ class Pipeline:
             with open(train + ".tmp", "w") as f:
                 f.write(sampled + builtin)
             os.replace(train + ".tmp", train)
+            summary_path = os.path.join(out, "summary.json")
+            with open(summary_path) as f:
+                summary = json.load(f)
+            summary["source"] = p.source
+            summary["tinyworld_train_pairs"] = builtin.count("\n")
+            with open(summary_path, "w") as f:
+                json.dump(summary, f, indent=2)
             print(f"+ {builtin.count(chr(10))} TinyWorld pairs -> {train}", flush=True)
 
     def stage_reward(self):

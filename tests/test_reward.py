@@ -294,3 +294,18 @@ def test_binary_end_to_end_with_crash_and_exact_resume(tok, tmp_path):
     # A finished run only reports when started again.
     again = _run_reward(workdir, *args)
     assert again.returncode == 0 and "Already finished" in again.stdout, again.stderr[-3000:]
+
+
+def test_reward_breakdown_family_accuracy_by_hand():
+    from tools.reward_breakdown import family_accuracy
+    records = [{"family": "a", "label": 0.9, "chosen_score": 1.0, "rejected_score": 0.0},
+               {"family": "a", "label": 0.3, "chosen_score": 0.0, "rejected_score": 0.5},
+               {"family": "b", "label": 0.6, "chosen_score": 0.5, "rejected_score": 0.5},
+               {"family": "b"}]
+    rows = family_accuracy(records, chosen=[2.0, 1.0, 0.0, 3.0], rejected=[1.0, 0.0, 1.0, 1.0])
+    assert list(rows) == ["a", "b", "all"]
+    assert rows["a"] == {"pairs": 2, "accuracy": 1.0, "gold_order_accuracy": 0.5, "bayes_accuracy": 0.8}
+    b = rows["b"]
+    assert (b["pairs"], b["accuracy"], b["bayes_accuracy"]) == (2, 0.5, 0.6) and np.isnan(b["gold_order_accuracy"])
+    assert rows["all"]["pairs"] == 4 and rows["all"]["accuracy"] == 0.75
+    assert rows["all"]["gold_order_accuracy"] == 0.5 and rows["all"]["bayes_accuracy"] == pytest.approx(0.7333333)
