@@ -178,8 +178,14 @@ class Pipeline:
                     extra=self.cfg.ppo.flags)
 
     def stage_dpo(self):
+        """DPO from the SFT model on `dpo.pairs`: 'preferences' (the reward model's pairs) or
+        'tinyworld' (TinyWorld's ready-made pairs: clear gaps between a reference answer and a
+        flawed one, where the sampled pairs' small gaps make noisy labels)."""
+        pairs = {"preferences": self.path("preferences"), "tinyworld": self.data_dir}.get(self.cfg.dpo.pairs)
+        if pairs is None:
+            raise app.UsageError(f"--config.dpo.pairs={self.cfg.dpo.pairs!r}: expected 'preferences' or 'tinyworld'")
         self.binary("experiments.dpo", self.path("dpo"), self.cfg.dpo.config, f"--config.init_from={self.path('sft')}",
-                    f"--config.data.dir={self.path('preferences')}",
+                    f"--config.data.dir={pairs}",
                     f"--config.data.eval_prompts_file={self.data_dir}/eval_prompts.jsonl", extra=self.cfg.dpo.flags)
 
     def stage_cai(self):
