@@ -139,19 +139,29 @@ def make_plots(pipeline_dir: str, out_dir: str) -> list[tuple[str, str]]:
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
     kl_key = next((k for k in ("kl_k1", "kl", "kl_k3") if any(k in r for r in ppo)), None)
     if ppo and kl_key:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        # Left: each signal against the iteration, the KL on a second axis. Right: the same points
+        # against the KL, unjoined (the KL is not monotone in the iteration).
+        fig, (by_step, by_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
         rows = [r for r in ppo if kl_key in r]
         for key, label in (("score", "proxy reward (reward model)"), ("gold_score", "gold judge"),
                            ("eval_gold", "gold judge (held-out)")):
-            pts = [(r[kl_key], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            pts = [(r["step"], r[kl_key], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
-                x, y = zip(*pts)
-                ax.plot(x, y, marker=".", label=label)
-        ax.set_xlabel(f"KL to SFT ({kl_key}, nats per response)")
-        ax.set_ylabel("score")
-        ax.set_title("PPO: reward vs KL")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+                steps, kls, ys = zip(*pts)
+                line, = by_step.plot(steps, ys, marker="." if key != "eval_gold" else "o", label=label)
+                by_kl.scatter(kls, ys, s=14 if key != "eval_gold" else 40, color=line.get_color(), label=label)
+        kl_axis = by_step.twinx()
+        kl_axis.plot([r["step"] for r in rows], [r[kl_key] for r in rows], color="gray", ls="--", lw=1)
+        kl_axis.set_ylabel(f"KL to SFT ({kl_key}, dashed)", fontsize=8)
+        by_step.set_xlabel("iteration")
+        by_step.set_ylabel("score")
+        by_step.set_title("PPO: reward and gold by iteration")
+        by_step.legend(fontsize=7)
+        by_step.grid(alpha=0.3)
+        by_kl.set_xlabel(f"KL to SFT ({kl_key}, nats per response)")
+        by_kl.set_title("PPO: reward vs KL")
+        by_kl.legend(fontsize=7)
+        by_kl.grid(alpha=0.3)
         save(fig, "ppo_reward_vs_kl.png", "PPO: proxy reward and gold score against KL to SFT")
 
     dpo = _read_jsonl(os.path.join(pipeline_dir, "dpo", "metrics.jsonl"))
