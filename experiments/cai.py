@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sys
 import time
 
@@ -243,14 +242,9 @@ def fine_tune(cfg, workdir: str, model: Model, tokenizer, train_file: str, meta:
                     last_saved = step
                 if stop.requested:
                     break
-                if step == cfg.train.crash_after_step:  # Fault injection for the resume tests.
-                    ckpt.wait()
-                    os.kill(os.getpid(), signal.SIGKILL)
+                runtime.crash_if_asked(step, cfg.train.crash_after_step, ckpt)  # Resume tests.
     except runtime.NonFiniteLoss as e:
-        ckpt.close()
-        progress.close()
-        print(f"\nERROR: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        runtime.exit_on_non_finite(e, ckpt, progress)
     finally:
         stop.restore()
     ckpt.close()

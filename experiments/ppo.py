@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import sys
 import time
 
 import jax
@@ -330,14 +328,9 @@ def main(argv):
                 last_saved = it
             if stop.requested:
                 break
-            if it == cfg.train.crash_after_step:  # Fault injection for the resume tests:
-                ckpt.wait()  # earlier saves are complete, later iterations are lost.
-                os.kill(os.getpid(), signal.SIGKILL)
+            runtime.crash_if_asked(it, cfg.train.crash_after_step, ckpt)  # Resume tests.
     except runtime.NonFiniteLoss as e:
-        ckpt.close()
-        progress.close()
-        print(f"\nERROR: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        runtime.exit_on_non_finite(e, ckpt, progress)
     finally:
         stop.restore()
     ckpt.close()

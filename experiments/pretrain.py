@@ -17,13 +17,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlm import checkpoint, metrics as metrics_lib, optim, runtime, sharding
@@ -191,14 +189,9 @@ def main(argv):
                     last_saved = step
                 if stopping:
                     break
-                if step == cfg.train.crash_after_step:  # Fault injection for the resume tests:
-                    ckpt.wait()  # earlier saves are complete, later steps are lost.
-                    os.kill(os.getpid(), signal.SIGKILL)
+                runtime.crash_if_asked(step, cfg.train.crash_after_step, ckpt)  # Resume tests.
     except runtime.NonFiniteLoss as e:
-        ckpt.close()
-        progress.close()
-        print(f"\nERROR: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        runtime.exit_on_non_finite(e, ckpt, progress)
     finally:
         stop.restore()
     ckpt.close()

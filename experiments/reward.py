@@ -23,8 +23,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import sys
 import time
 
 import jax
@@ -290,14 +288,9 @@ def main(argv):
                     last_saved = step
                 if stop.requested:
                     break
-                if step == cfg.train.crash_after_step:  # Fault injection for the resume tests:
-                    ckpt.wait()  # earlier saves are complete, later steps are lost.
-                    os.kill(os.getpid(), signal.SIGKILL)
+                runtime.crash_if_asked(step, cfg.train.crash_after_step, ckpt)  # Resume tests.
     except runtime.NonFiniteLoss as e:
-        ckpt.close()
-        progress.close()
-        print(f"\nERROR: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        runtime.exit_on_non_finite(e, ckpt, progress)
     finally:
         stop.restore()
     progress.close()

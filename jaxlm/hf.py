@@ -41,7 +41,6 @@ import dataclasses
 import glob
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any

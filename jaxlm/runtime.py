@@ -92,7 +92,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.requested = True
-        print(f"\nSIGTERM received: saving a checkpoint and exiting.", file=sys.stderr, flush=True)
+        print("\nSIGTERM received: saving a checkpoint and exiting.", file=sys.stderr, flush=True)
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
@@ -110,3 +110,24 @@ def check_finite(step: int, metrics: dict, last_good_step: int | None, checkpoin
                  else "no checkpoint was written before it")
         raise NonFiniteLoss(f"loss became {loss} at step {step}; stopping. {where}. Lower the learning rate "
                             f"or check the data, then rerun the same command to resume from that checkpoint.")
+
+
+def crash_if_asked(step: int, crash_after_step: int, ckpt) -> None:
+    """Testing only (`--config.train.crash_after_step`): SIGKILL the process right after `step`.
+
+    Waits for the checkpoints already started, so the resume tests see exactly the saves made
+    before the crash and lose every later step, as a real kill between steps would.
+    """
+    if crash_after_step and step == crash_after_step:
+        ckpt.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_on_non_finite(error: NonFiniteLoss, ckpt, progress) -> None:
+    """A binary's end after `check_finite` raised: close the checkpointer (the last good save
+    stays), close the progress bar, print the error (it names the step and the checkpoint to
+    resume from) and exit with status 1."""
+    ckpt.close()
+    progress.close()
+    print(f"\nERROR: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)

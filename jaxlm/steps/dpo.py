@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import logprobs, losses
+from jaxlm.steps import accumulate
 from jaxlm.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -125,14 +126,6 @@ def batch_loss(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, *
     return loss_sum, count, sums
 
 
-def _split_microbatches(batch: Batch, n: int) -> Batch:
-    def split(x):
-        if x.shape[0] % n:
-            raise ValueError(f"batch of {x.shape[0]} pairs cannot be split into {n} microbatches")
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
-    return jax.tree.map(split, batch)
-
-
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule | None,
                     cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool = False,
                     grad_accum: int = 1) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
@@ -151,24 +144,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch, ref_params) -> tuple[TrainState, dict[str, Any]]:
-        if grad_accum == 1:
-            (_, (count, sums)), grads = grad_fn(state.params, batch, ref_params)
-        else:
-            def body(acc, micro):
-                (_, (c, s)), g = grad_fn(state.params, micro, ref_params)
-                return jax.tree.map(jnp.add, acc, (c, s, g)), None
-            zero = jnp.zeros((), jnp.float32)
-            zeros = (zero, {k: zero for k in METRICS}, jax.tree.map(jnp.zeros_like, state.params))
-            (count, sums, grads), _ = jax.lax.scan(body, zeros, _split_microbatches(batch, grad_accum))
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {k: v / denom for k, v in sums.items()}
-        metrics.update(pairs=count, grad_norm=optax.tree.norm(grads))
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        (_, (count, sums)), grads = accumulate.summed_value_and_grad(grad_fn, state.params, batch, grad_accum,
+                                                                     ref_params)
+        state, denom, metrics = accumulate.apply_mean_gradients(state, optimizer, grads, count, schedule)
+        metrics.update({k: v / denom for k, v in sums.items()}, pairs=count)
+        return state, metrics
 
     return step
 
