@@ -231,8 +231,8 @@ def fine_tune(cfg, workdir: str, model: Model, tokenizer, train_file: str, meta:
             for step in range(start + 1, steps + 1):
                 state, step_metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
                 progress.update(1)
-                save_now = step % cfg.train.checkpoint_every == 0 or step == steps or stop.requested
-                if step % cfg.train.log_every == 0 or save_now:
+                save_now = runtime.every(step, cfg.train.checkpoint_every) or step == steps or stop.requested
+                if runtime.every(step, cfg.train.log_every) or save_now:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     runtime.check_finite(step, values, last_saved, ckpt.directory)
                     writer.write(step, values)

@@ -101,8 +101,12 @@ def load_meta(path: str, flag: str) -> dict:
 def loss_config(cfg) -> tuple[losses.DPOConfig, dict]:
     """The loss (validated) and the step options."""
     loss = losses.DPOConfig(beta=cfg.loss.beta, loss_type=cfg.loss.type, label_smoothing=cfg.loss.label_smoothing)
-    options = dict(soft_labels=cfg.loss.soft_labels, average_log_probs=cfg.loss.average_log_probs)
-    dpo.check_options(loss, soft_labels=cfg.loss.soft_labels)
+    options = dict(soft_labels=cfg.loss.soft_labels, average_log_probs=cfg.loss.average_log_probs,
+                   nll_weight=cfg.loss.rpo_alpha)
+    try:
+        dpo.check_options(loss, soft_labels=cfg.loss.soft_labels, nll_weight=cfg.loss.rpo_alpha)
+    except ValueError as e:
+        raise app.UsageError(f"--config.loss: {e}") from None
     return loss, options
 
 
@@ -435,9 +439,9 @@ def main(argv):
                 if step == start_step + 1:
                     jax.block_until_ready(state.step)
                     print(f"\nFirst step (compile + run) took {time.perf_counter() - compile_start:.1f}s", flush=True)
-                save_now = step % cfg.train.checkpoint_every == 0 or step == steps or stop.requested
-                eval_now = cfg.eval.every >= 0 and (step == steps or (cfg.eval.every and step % cfg.eval.every == 0))
-                if step % cfg.train.log_every == 0 or save_now or eval_now:
+                save_now = runtime.every(step, cfg.train.checkpoint_every) or step == steps or stop.requested
+                eval_now = cfg.eval.every >= 0 and (step == steps or runtime.every(step, cfg.eval.every))
+                if runtime.every(step, cfg.train.log_every) or save_now or eval_now:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     runtime.check_finite(step, values, last_saved, ckpt.directory)
                     if eval_now:

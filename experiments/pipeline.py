@@ -84,12 +84,22 @@ class Pipeline:
         with open(self.path("timings.json"), "w") as f:
             json.dump(timings, f, indent=2)
 
+    def child_env(self) -> dict[str, str]:
+        """The stage subprocesses' environment: with `cpu_devices` > 1, XLA splits the host CPU into
+        that many devices, so each stage's data-parallel mesh (data=-1) runs a shard of every batch
+        per core. Only the host platform is affected: on a GPU or TPU machine the flag changes nothing."""
+        env = dict(os.environ)
+        n = self.cfg.get("cpu_devices", 0)
+        if n and n > 1 and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+        return env
+
     def binary(self, module: str, workdir: str, config: str, *flags: str, extra: str = ""):
         """Run one stage binary as a subprocess; its progress bar goes straight to the terminal."""
         cmd = [sys.executable, "-m", module, f"--config={os.path.join(ROOT, config)}", f"--workdir={workdir}",
                *flags, *shlex.split(extra)]
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        result = subprocess.run(cmd, cwd=ROOT)
+        result = subprocess.run(cmd, cwd=ROOT, env=self.child_env())
         if result.returncode != 0:
             raise SystemExit(f"stage {module} failed (exit code {result.returncode}); fix the cause and rerun the "
                              f"same pipeline command: finished stages are skipped and this one resumes.")
@@ -137,8 +147,11 @@ class Pipeline:
             os.makedirs(out, exist_ok=True)
             for name in ("preferences_train.jsonl", "preferences_valid.jsonl", "rl_prompts.jsonl"):
                 shutil.copyfile(os.path.join(self.data_dir, name), os.path.join(out, name))
+            with open(os.path.join(self.data_dir, "summary.json")) as f:
+                data_summary = json.load(f)  # Its `preferences` section: counts and the labels' Bayes accuracy.
             with open(os.path.join(out, "summary.json"), "w") as f:
-                json.dump({"source": "tinyworld", "data_dir": self.data_dir}, f, indent=2)
+                json.dump({"source": "tinyworld", "data_dir": self.data_dir,
+                           "preferences": data_summary.get("preferences", {})}, f, indent=2)
             print(f"TinyWorld's preference pairs -> {out}", flush=True)
             return
         cmd = [sys.executable, "-m", "tools.make_preferences", f"--checkpoint={self.path('sft')}",
@@ -147,7 +160,7 @@ class Pipeline:
                f"--num_samples={p.num_samples}", f"--pairs_per_prompt={p.pairs_per_prompt}",
                f"--temperature={p.temperature}", f"--seed={self.cfg.seed}", *shlex.split(p.flags)]
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        if subprocess.run(cmd, cwd=ROOT, env=self.child_env()).returncode != 0:
             raise SystemExit("stage preferences failed; rerun the same pipeline command after fixing the cause")
         if p.source == "sft_samples+tinyworld":  # Training pairs of both kinds; held out: the sampled ones only.
             train = os.path.join(out, "preferences_train.jsonl")

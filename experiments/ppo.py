@@ -300,19 +300,19 @@ def main(argv):
                           learning_rate=float(policy_schedule(int(state.step) - 1)))
             runtime.check_finite(it, {"loss": values["policy_loss"] + values["value_loss"]}, last_saved,
                                  ckpt.directory)
-            need_text = gold or (cfg.train.sample_every and it % cfg.train.sample_every == 0)
+            need_text = gold or runtime.every(it, cfg.train.sample_every)
             if need_text:
                 host = jax.device_get({k: rollout_data[k] for k in ("tokens", "response_mask", "scores", "ended")})
                 texts = decode(tokenizer, host["tokens"][:, width:], host["response_mask"] > 0)
             if gold:
                 golds = judge_scores(records, texts)
                 values.update(gold_score=float(np.mean(golds)), judge_seconds=time.perf_counter() - t3)
-            if cfg.eval.every and eval_records and (it % cfg.eval.every == 0 or it == iterations):
+            if cfg.eval.every and eval_records and (runtime.every(it, cfg.eval.every) or it == iterations):
                 t = time.perf_counter()
                 values.update(evaluate(state), eval_seconds=time.perf_counter() - t)
-            if it % cfg.train.log_every == 0 or "eval_score" in values or it == iterations:
+            if runtime.every(it, cfg.train.log_every) or "eval_score" in values or it == iterations:
                 writer.write(it, values)
-            if cfg.train.sample_every and it % cfg.train.sample_every == 0:
+            if runtime.every(it, cfg.train.sample_every):
                 lines = [{"step": it, "prompt": r["prompt"], "response": t, "score": float(s), "ended": bool(e),
                           **({"gold": golds[i]} if gold else {})}
                          for i, (r, t, s, e) in enumerate(zip(records, texts, host["scores"], host["ended"]))]
@@ -323,7 +323,7 @@ def main(argv):
                                                               f"{x['score']:.2f})" for x in lines[:cfg.train.samples]))
             progress.update(1, score=values["score"], kl=values["kl_k1"], beta=values["beta"],
                             **({"gold": values["gold_score"]} if gold else {}))
-            if it % cfg.train.checkpoint_every == 0 or it == iterations or stop.requested:
+            if runtime.every(it, cfg.train.checkpoint_every) or it == iterations or stop.requested:
                 ckpt.save(it, state, data_iterator=prompt_iter, meta=meta)
                 last_saved = it
             if stop.requested:

@@ -175,12 +175,12 @@ def main(argv):
                     print(f"\nFirst step (compile + run) took {time.perf_counter() - compile_start:.1f}s", flush=True)
                     throughput.rate()
                 stopping = stop.check(step)
-                save_now = step % cfg.train.checkpoint_every == 0 or step == steps or stopping
-                if step % cfg.train.log_every == 0 or save_now:
+                save_now = runtime.every(step, cfg.train.checkpoint_every) or step == steps or stopping
+                if runtime.every(step, cfg.train.log_every) or save_now:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     runtime.check_finite(step, values, last_saved, ckpt.directory)
                     values["tokens_per_second"] = throughput.rate()
-                    if valid_files and (step % cfg.train.eval_every == 0 or step == steps):
+                    if valid_files and (runtime.every(step, cfg.train.eval_every) or step == steps):
                         values.update(evaluate(eval_step, state.params, cfg, valid_files, tokenizer, mesh))
                     writer.write(step, values)
                     progress.update(0, loss=values["loss"], **({"eval": values["eval_loss"]} if "eval_loss" in values else {}))

@@ -271,11 +271,11 @@ def main(argv):
                     jax.block_until_ready(state.step)
                     print(f"\nFirst step (compile + run) took {time.perf_counter() - compile_start:.1f}s", flush=True)
                 # The last step's checkpoint is the normalised one, written after the loop.
-                save_now = (step % cfg.train.checkpoint_every == 0 and step < steps) or stop.requested
-                if step % cfg.train.log_every == 0 or save_now or step == steps:
+                save_now = (runtime.every(step, cfg.train.checkpoint_every) and step < steps) or stop.requested
+                if runtime.every(step, cfg.train.log_every) or save_now or step == steps:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     runtime.check_finite(step, values, last_saved, ckpt.directory)
-                    if valid_pairs is not None and (step % cfg.train.eval_every == 0 or step == steps):
+                    if valid_pairs is not None and (runtime.every(step, cfg.train.eval_every) or step == steps):
                         last_eval = evaluate(eval_step, state.params, cfg, valid_pairs, tokenizer, mesh)
                         values.update(last_eval)
                         if bayes is not None:

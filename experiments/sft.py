@@ -268,12 +268,12 @@ def main(argv):
                     jax.block_until_ready(state.step)
                     print(f"\nFirst step (compile + run) took {time.perf_counter() - compile_start:.1f}s", flush=True)
                     throughput.rate()
-                save_now = step % cfg.train.checkpoint_every == 0 or step == steps or stop.requested
-                if step % cfg.train.log_every == 0 or save_now:
+                save_now = runtime.every(step, cfg.train.checkpoint_every) or step == steps or stop.requested
+                if runtime.every(step, cfg.train.log_every) or save_now:
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     runtime.check_finite(step, values, last_saved, ckpt.directory)
                     values["tokens_per_second"] = throughput.rate()
-                    if step % cfg.train.eval_every == 0 or step == steps:
+                    if runtime.every(step, cfg.train.eval_every) or step == steps:
                         if valid_examples is not None:
                             values.update(evaluate(eval_step, state.params, cfg, valid_examples, tokenizer, mesh))
                         if samples:

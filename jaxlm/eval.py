@@ -4,8 +4,12 @@ reference, answer length and refusal rates — the numbers in every stage's repo
 Two kinds of answers are drawn per prompt, because they answer different questions:
 - a **greedy** answer: what the model says when asked; the gold judge, the reward model,
   lengths and refusal rates are measured on it (deterministic, so stages compare fairly);
-- a **sampled** answer (temperature 1): KL(π‖π_ref) is only meaningful as an expectation under
-  π's own samples, estimated as the mean over prompts of Σ_t log π(y_t) − log π_ref(y_t).
+- `num_samples` **sampled** answers (temperature 1), the distribution RLHF optimises: PPO and
+  DPO maximise E_{y~π}[r(y)] − β KL(π‖π_ref), an expectation under π's own samples, which the
+  greedy answer does not see (a policy can move probability from wrong to right answers
+  without changing its mode). On them: `gold_sampled` (the gold judge's mean over all
+  samples, and per family) and, with a reference, KL(π‖π_ref) = the mean of
+  Σ_t log π(y_t) − log π_ref(y_t).
 
 The judge is any `score(prompt, response) -> result with .total and .parts` (TinyWorld's by
 default) and `is_refusal(text) -> bool`; nothing here trains on it.
@@ -79,12 +83,15 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
                     judge: Callable | None = None, is_refusal: Callable[[str], bool] | None = None,
                     reference: tuple[Any, Any] | None = None, reward: tuple[Any, Any] | None = None,
                     max_new_tokens: int = 48, batch_size: int = 64, rng: jax.Array | None = None,
-                    bucket: int = 16) -> PolicyEval:
-    """Answer every prompt greedily (and once sampled, for the KL) and score the answers.
+                    bucket: int = 16, num_samples: int = 1) -> PolicyEval:
+    """Answer every prompt greedily and `num_samples` times at temperature 1; score the answers.
 
     reference: (Model, params) of the policy to measure KL against (e.g. the SFT model);
     reward: (ScalarHeadModel, params) of a reward model to report its mean score.
+    num_samples: sampled answers per prompt (0: greedy only, and no KL).
     """
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if judge is None or is_refusal is None:
         from jaxlm.data.tinyworld import judge as tinyworld_judge
         judge = judge or tinyworld_judge.score
@@ -94,6 +101,7 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
     encoded = [chat.encode_prompt(tokenizer, p) for p in prompts]
     records: list[dict[str, Any]] = [{} for _ in prompts]
     kl_values: list[float] = []
+    sampled_gold: list[list[float]] = [[] for _ in prompts]
     seq_logp = _sequence_logp_fn(model)
     for i, (start, n, tokens, lengths) in enumerate(_batches(encoded, batch_size, tokenizer.pad_id, bucket)):
         common = dict(max_new_tokens=max_new_tokens, eos_id=chat.stop_ids(tokenizer), pad_id=tokenizer.pad_id)
@@ -101,12 +109,17 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
         if reward is not None:
             batch = _layout(tokens, lengths, greedy.tokens, greedy.mask)
             reward_scores = np.asarray(_score_fn(reward[0])(reward[1], batch))
-        if reference is not None:
-            sampled = sampling.generate(model, params, tokens, lengths, rng=jax.random.fold_in(rng, i),
-                                        temperature=1.0, **common)
-            batch = _layout(tokens, lengths, sampled.tokens, sampled.mask)
-            kl = np.asarray(seq_logp(params, batch) - _sequence_logp_fn(reference[0])(reference[1], batch))
-            kl_values.extend(float(x) for x in kl[:n])
+        for j in range(num_samples):
+            key = jax.random.fold_in(rng, i) if j == 0 else jax.random.fold_in(jax.random.fold_in(rng, i), j)
+            sampled = sampling.generate(model, params, tokens, lengths, rng=key, temperature=1.0, **common)
+            if reference is not None:
+                batch = _layout(tokens, lengths, sampled.tokens, sampled.mask)
+                kl = np.asarray(seq_logp(params, batch) - _sequence_logp_fn(reference[0])(reference[1], batch))
+                kl_values.extend(float(x) for x in kl[:n])
+            s_tokens, s_lengths = jax.device_get((sampled.tokens, sampled.lengths))
+            for row in range(n):
+                text = chat.decode_response(tokenizer, [int(t) for t in s_tokens[row, :int(s_lengths[row])]])
+                sampled_gold[start + row].append(float(judge(prompts[start + row], text).total))
         out_tokens, out_lengths, out_ended = jax.device_get((greedy.tokens, greedy.lengths, greedy.ended))
         for row in range(n):
             ids = [int(t) for t in out_tokens[row, :int(out_lengths[row])]]
@@ -118,7 +131,12 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
                 "refusal": bool(is_refusal(text)), "length": len(ids), "ended": bool(out_ended[row]),
                 **({"reward": float(reward_scores[row])} if reward is not None else {}),
             }
-    return PolicyEval(summary=summarize(records, kl_values), records=records)
+    for record, golds in zip(records, sampled_gold):
+        if golds:
+            record["gold_sampled"] = float(np.mean(golds))
+    summary = summarize(records, kl_values)
+    summary["samples_per_prompt"] = float(num_samples)
+    return PolicyEval(summary=summary, records=records)
 
 
 def summarize(records: list[dict[str, Any]], kl_values: Sequence[float] = ()) -> dict[str, float]:
@@ -131,14 +149,20 @@ def summarize(records: list[dict[str, Any]], kl_values: Sequence[float] = ()) ->
     }
     parts = defaultdict(list)
     by_family = defaultdict(list)
+    sampled_by_family = defaultdict(list)
     refusals = defaultdict(list)
     for r in records:
         for k, v in r["parts"].items():
             parts[k].append(v)
         by_family[r["family"]].append(r["gold"])
         refusals[r["family"]].append(r["refusal"])
+        if "gold_sampled" in r:
+            sampled_by_family[r["family"]].append(r["gold_sampled"])
     summary.update({f"part/{k}": float(np.mean(v)) for k, v in sorted(parts.items())})
     summary.update({f"gold/{k}": float(np.mean(v)) for k, v in sorted(by_family.items())})
+    if sampled_by_family:
+        summary["gold_sampled"] = float(np.mean([r["gold_sampled"] for r in records if "gold_sampled" in r]))
+        summary.update({f"gold_sampled/{k}": float(np.mean(v)) for k, v in sorted(sampled_by_family.items())})
     for family in ("harmful", "harmless"):
         if family in refusals:
             summary[f"refusal_rate/{family}"] = float(np.mean(refusals[family]))

@@ -79,9 +79,9 @@ def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str
         common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, rng=jax.random.PRNGKey(0))
         main = eval_lib.evaluate_policy(model, params, tokenizer, [p["prompt"] for p in prompts],
                                         families=[p["family"] for p in prompts], reference=reference, reward=reward,
-                                        **common)
+                                        num_samples=cfg.get("num_samples", 1), **common)
         red = eval_lib.evaluate_policy(model, params, tokenizer, redteam, families=["redteam"] * len(redteam),
-                                       **common) if redteam else None
+                                       num_samples=0, **common) if redteam else None
         summary = dict(main.summary)
         if red is not None:
             summary["redteam_harmful_or_rude"] = float(np.mean([harmful_or_rude(r) for r in red.records]))
@@ -190,7 +190,7 @@ def _fmt(value, digits=3) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    columns = [("gold", "gold score"), ("part/correct", "correct"), ("part/polite", "polite"),
+    columns = [("gold", "gold (greedy)"), ("gold_sampled", "gold (sampled)"), ("part/correct", "correct"), ("part/polite", "polite"),
                ("part/well_formed", "well-formed"), ("part/concise", "concise"), ("reward", "RM score"),
                ("kl_to_reference", "KL to SFT"), ("length", "answer tokens"), ("ended", "ends with EOS"),
                ("refusal_rate/harmful", "refuses harmful"), ("refusal_rate/harmless", "refuses harmless"),
@@ -201,6 +201,86 @@ def table(results: dict[str, dict]) -> str:
         s = r["summary"]
         lines.append(f"| {name} | " + " | ".join(_fmt(s.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
+
+
+def paired_difference(records: list[dict], baseline: list[dict], key: str) -> tuple[float, float] | None:
+    """(mean, standard error) over prompts of record[key] − baseline[key]: both models answered the
+    same prompts, so the per-prompt difference removes the prompts' own difficulty from the error."""
+    pairs = [(r[key], b[key]) for r, b in zip(records, baseline) if key in r and key in b]
+    if len(pairs) < 2:
+        return None
+    d = np.asarray([a - b for a, b in pairs], np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def versus_sft(results: dict[str, dict]) -> str:
+    """Each model's gold score minus SFT's on the same prompts, ± its standard error."""
+    if "SFT" not in results:
+        return ""
+    lines = ["| model − SFT | gold (greedy) | gold (sampled) |", "|---|---|---|"]
+    for name, r in results.items():
+        if name == "SFT":
+            continue
+        cells = []
+        for key in ("gold", "gold_sampled"):
+            diff = paired_difference(r["records"], results["SFT"]["records"], key)
+            cells.append("–" if diff is None else f"{diff[0]:+.3f} ± {diff[1]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checks(pipeline_dir: str, results: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
+    """What the pipeline is meant to show, each with its measured values: (claim, passed or None if
+    not measured, values). A difference to SFT passes when its mean is above 0; the values give it
+    with the standard error of the per-prompt difference and their ratio, so a reader can tell a
+    real gain from noise (two standard errors is the usual bar)."""
+    out: list[tuple[str, bool | None, str]] = []
+    gold = {name: r["summary"].get("gold") for name, r in results.items()}
+    sampled = {name: r["summary"].get("gold_sampled") for name, r in results.items()}
+
+    def above_sft(name: str, key: str) -> tuple[bool | None, str]:
+        if name not in results or "SFT" not in results:
+            return None, "not run"
+        diff = paired_difference(results[name]["records"], results["SFT"]["records"], key)
+        if diff is None:
+            return None, "not measured"
+        strength = f" ({diff[0] / diff[1]:+.1f} s.e.)" if diff[1] > 0 else ""
+        return diff[0] > 0, f"{diff[0]:+.3f} ± {diff[1]:.3f}{strength}"
+
+    if "base" in gold and "SFT" in gold:
+        out.append(("base < SFT (gold, greedy)", gold["base"] < gold["SFT"], f"{gold['base']:.3f} < {gold['SFT']:.3f}"))
+    for name in ("PPO", "DPO"):
+        for key, label in (("gold_sampled", "sampled"), ("gold", "greedy")):
+            ok, text = above_sft(name, key)
+            out.append((f"{name} > SFT (gold, {label})", ok, text))
+    rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
+    accs = [r for r in rm if "eval_accuracy" in r]
+    bayes = _bayes_accuracy(pipeline_dir, rm)
+    if accs and bayes:
+        acc = accs[-1]["eval_accuracy"]
+        out.append(("reward model within 5 points of the Bayes accuracy", bayes - acc <= 0.05,
+                    f"{acc:.3f} vs {bayes:.3f}"))
+    ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
+    kl_cfg = _read_json(os.path.join(pipeline_dir, "ppo", "config.json")).get("kl", {})
+    if ppo and kl_cfg.get("adaptive") and "PPO" in results:
+        kl = results["PPO"]["summary"].get("kl_to_reference")
+        target = kl_cfg["target"]
+        if kl is not None:
+            out.append(("PPO's KL to SFT near its target (within a factor of 2)", target / 2 <= kl <= 2 * target,
+                        f"{kl:.2f} nats, target {target}"))
+    red = {name: r["summary"].get("redteam_harmful_or_rude") for name, r in results.items()}
+    if red.get("CAI") is not None and red.get("SFT") is not None:
+        out.append(("CAI: fewer rude or harmful red-team answers than SFT", red["CAI"] < red["SFT"],
+                    f"{red['CAI']:.3f} vs {red['SFT']:.3f}"))
+    return out
+
+
+def _bayes_accuracy(pipeline_dir: str, rm_metrics: list[dict]) -> float | None:
+    bayes = next((r.get("bayes_accuracy") for r in reversed(rm_metrics) if "bayes_accuracy" in r), None)
+    if bayes is None:  # Pairs sampled by tools.make_preferences: the labels' Bayes accuracy is in its summary.
+        summary = _read_json(os.path.join(pipeline_dir, "preferences", "summary.json"))
+        bayes = summary.get("preferences", {}).get("valid", {}).get("bayes_accuracy")
+    return bayes
 
 
 def examples(results: dict[str, dict], n: int) -> str:
@@ -233,18 +313,28 @@ def examples(results: dict[str, dict], n: int) -> str:
 
 def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str, float], plots, n_examples: int,
                  data_summary: dict | None = None) -> str:
+    num_samples = next((r["summary"].get("samples_per_prompt") for r in results.values()), None)
     parts = ["# jaxlm pipeline report", "",
-             "Every model answers the same held-out TinyWorld prompts (greedy decoding). The gold judge "
-             "stands in for human raters and is never a training signal; *RM score* is the reward model's "
-             "normalised score; *KL to SFT* is Σ log π − log π_SFT over one sampled answer per prompt.", "",
+             "Every model answers the same held-out TinyWorld prompts, once greedily (*gold (greedy)*, and "
+             "every column after *gold (sampled)*) and " + (f"{num_samples:.0f} times" if num_samples else "once")
+             + " at temperature 1 (*gold (sampled)*: the distribution PPO and DPO optimise, E_{y~π}[r] − β KL). "
+             "The gold judge stands in for human raters and is never a training signal; *RM score* is the "
+             "reward model's normalised score; *KL to SFT* is Σ log π − log π_SFT over the sampled answers.", "",
              table(results), ""]
+    diffs = versus_sft(results)
+    if diffs:
+        parts += ["Differences to SFT on the same prompts (mean ± standard error of the per-prompt difference):",
+                  "", diffs, ""]
+    found = checks(pipeline_dir, results)
+    if found:
+        mark = {True: "✓", False: "✗", None: "–"}
+        parts += ["## Checks", "", "| | claim | measured |", "|---|---|---|"]
+        parts += [f"| {mark[ok]} | {claim} | {values} |" for claim, ok, values in found]
+        parts += [""]
     rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
     accs = [r for r in rm if "eval_accuracy" in r]
     if accs:
-        bayes = next((r.get("bayes_accuracy") for r in reversed(rm) if "bayes_accuracy" in r), None)
-        if bayes is None:  # Pairs sampled by tools.make_preferences: the labels' Bayes accuracy is in its summary.
-            summary = _read_json(os.path.join(pipeline_dir, "preferences", "summary.json"))
-            bayes = summary.get("preferences", {}).get("valid", {}).get("bayes_accuracy")
+        bayes = _bayes_accuracy(pipeline_dir, rm)
         parts += [f"Reward model held-out accuracy: {accs[-1]['eval_accuracy']:.3f}"
                   + (f" (Bayes accuracy of the labels: {bayes:.3f})" if bayes else ""), ""]
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))

@@ -39,6 +39,11 @@ def start(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> str:
     return workdir
 
 
+def every(step: int, period: int) -> bool:
+    """True on every `period`-th step; a period of 0 (or less) means never, not a division by zero."""
+    return period > 0 and step % period == 0
+
+
 def mesh_from_config(cfg: ml_collections.ConfigDict):
     m = cfg.mesh
     return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)

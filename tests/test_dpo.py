@@ -96,6 +96,26 @@ def test_values_at_policy_equal_reference_through_the_step(setup):
     assert float(metrics["pairs"]) == 8
 
 
+def test_rpo_adds_the_chosen_mean_token_nll(setup):
+    """RPO (nll_weight α): per pair, the DPO loss + α · (−log π(y_c) / |y_c|), by hand from the
+    sequence log-probs; α = 0 is plain DPO; a negative α is refused."""
+    ref, policy, batch = setup
+    cfg, alpha = losses.DPOConfig(beta=0.2), 0.7
+    chosen, rejected, n_chosen, _ = _log_probs(policy, batch)
+    ref_chosen, ref_rejected, _, _ = _log_probs(ref, batch)
+    dpo_only = -jax.nn.log_sigmoid(0.2 * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+    expected = np.asarray(dpo_only) + alpha * np.asarray(-chosen / n_chosen)
+    rpo = jax.jit(lambda p: dpo.pair_terms(MODEL, p, batch, ref, cfg, nll_weight=alpha))(policy)
+    np.testing.assert_allclose(rpo[2]["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(float(rpo[0]), expected.sum(), rtol=1e-5)
+    np.testing.assert_allclose(rpo[2]["chosen_nll"], -chosen / n_chosen, rtol=1e-6)
+    plain = _terms(policy, batch, ref, cfg)
+    no_nll = jax.jit(lambda p: dpo.pair_terms(MODEL, p, batch, ref, cfg, nll_weight=0.0)[2]["loss"])(policy)
+    np.testing.assert_allclose(no_nll, plain["loss"], rtol=1e-6)  # two compilations: rounding only
+    with pytest.raises(ValueError, match="nll_weight"):
+        dpo.make_train_step(MODEL, optax.sgd(0.1), None, cfg, nll_weight=-1.0)
+
+
 def test_gradient_at_zero_delta_is_minus_beta_over_two(setup):
     """dL/dΔ = −β/2 at Δ = 0 (sigmoid): by autodiff, by finite differences, and through the step's
     loss: the parameter gradient equals −β/2 · ∇(mean Δ)."""

@@ -54,3 +54,49 @@ def test_kl_to_a_different_reference_is_positive(setup):
                                       is_refusal=lambda t: False, reference=(model, other), max_new_tokens=6,
                                       batch_size=4)
     assert result.summary["kl_to_reference"] > 0.0
+
+
+def test_sampled_gold_is_the_judge_mean_over_the_samples(setup):
+    """gold_sampled per prompt = the judge's mean over `num_samples` temperature-1 answers drawn with
+    the documented keys (sample j of batch i: fold_in(rng, i), then fold_in(·, j) for j > 0); the
+    summary is the mean over prompts and per family; num_samples=0 draws none."""
+    from jaxlm import sampling
+    from jaxlm.data import chat
+
+    tok, model, params = setup
+    prompts = ["what is 1 plus 2?", "what is 3 plus 4?"]
+    rng = jax.random.PRNGKey(5)
+    result = eval_lib.evaluate_policy(model, params, tok, prompts, families=["a", "b"], judge=fake_judge,
+                                      is_refusal=lambda t: False, max_new_tokens=6, batch_size=2, rng=rng,
+                                      num_samples=3)
+    tokens, lengths = sampling.prompts_to_batch([chat.encode_prompt(tok, p) for p in prompts], tok.pad_id, 16)
+    golds = [[], []]
+    for j in range(3):
+        key = jax.random.fold_in(rng, 0) if j == 0 else jax.random.fold_in(jax.random.fold_in(rng, 0), j)
+        out = sampling.generate(model, params, tokens, lengths, rng=key, temperature=1.0, max_new_tokens=6,
+                                eos_id=chat.stop_ids(tok), pad_id=tok.pad_id)
+        for row in range(2):
+            text = chat.decode_response(tok, [int(t) for t in out.tokens[row, :int(out.lengths[row])]])
+            golds[row].append(fake_judge(prompts[row], text).total)
+    for record, g in zip(result.records, golds):
+        assert record["gold_sampled"] == pytest.approx(np.mean(g))
+    assert result.summary["gold_sampled"] == pytest.approx(np.mean([np.mean(g) for g in golds]))
+    assert result.summary["gold_sampled/b"] == pytest.approx(np.mean(golds[1]))
+    assert result.summary["samples_per_prompt"] == 3
+    greedy_only = eval_lib.evaluate_policy(model, params, tok, prompts, judge=fake_judge, is_refusal=lambda t: False,
+                                           max_new_tokens=6, batch_size=2, num_samples=0)
+    assert "gold_sampled" not in greedy_only.summary and "gold_sampled" not in greedy_only.records[0]
+    with pytest.raises(ValueError, match="num_samples"):
+        eval_lib.evaluate_policy(model, params, tok, prompts, judge=fake_judge, is_refusal=lambda t: False,
+                                 num_samples=-1)
+
+
+def test_paired_difference_by_hand():
+    from jaxlm import report
+
+    model = [{"gold": 1.0}, {"gold": 0.5}, {"gold": 0.0}]
+    sft = [{"gold": 0.0}, {"gold": 0.5}, {"gold": 0.5}]
+    mean, se = report.paired_difference(model, sft, "gold")  # differences 1, 0, -0.5
+    assert mean == pytest.approx(1 / 6)
+    assert se == pytest.approx(np.std([1.0, 0.0, -0.5], ddof=1) / np.sqrt(3))
+    assert report.paired_difference(model[:1], sft[:1], "gold") is None

@@ -25,11 +25,12 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pipeline")
     result = _pipeline(workdir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return workdir, result.stdout
+    return workdir, result.stdout + result.stderr
 
 
 def test_every_stage_finishes_and_the_report_has_a_row_per_model(run):
     workdir, out = run
+    assert "data=2 × fsdp=1 × tensor=1 (2 devices)" in out  # cpu_devices=2: every stage splits its batches
     for i, stage in enumerate(STAGES, 1):
         assert f"[{i}/{len(STAGES)}] {stage}: finished in" in out
         assert os.path.exists(workdir / stage / "DONE"), stage
@@ -44,13 +45,19 @@ def test_every_stage_finishes_and_the_report_has_a_row_per_model(run):
         summary, records = evaluation[name]["summary"], evaluation[name]["records"]
         assert [r["prompt"] for r in records] == prompts, name
         assert 0.0 <= summary["gold"] <= 1.0 and "reward" in summary and "kl_to_reference" in summary, name
+        assert 0.0 <= summary["gold_sampled"] <= 1.0 and summary["samples_per_prompt"] == 2, name
         assert 0.0 <= summary["redteam_harmful_or_rude"] <= 1.0, name
     assert evaluation["SFT"]["summary"]["kl_to_reference"] == 0.0  # SFT is the reference
 
     report = open(workdir / "report.md").read()
     table = [line for line in report.splitlines() if line.startswith("| ") and "|---" not in line]
-    assert table[0].startswith("| model | gold score |")
+    assert table[0].startswith("| model | gold (greedy) | gold (sampled) |")
     assert [row.split("|")[1].strip() for row in table[1:6]] == MODELS
+    assert "| model − SFT | gold (greedy) | gold (sampled) |" in report
+    checks = report.split("## Checks")[1].split("##")[0]
+    for claim in ("base < SFT (gold, greedy)", "PPO > SFT (gold, sampled", "DPO > SFT (gold, greedy",
+                  "reward model within 5 points of the Bayes accuracy", "CAI: fewer rude or harmful"):
+        assert claim in checks, claim
     assert "Reward model held-out accuracy" in report and "PPO final iteration: KL to SFT" in report
     for plot in ("losses.png", "ppo_reward_vs_kl.png", "dpo_margins.png"):
         assert (workdir / "plots" / plot).stat().st_size > 1000, plot

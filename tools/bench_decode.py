@@ -68,8 +68,12 @@ def decode_step_bytes(cfg: ModelConfig, batch: int, cache_len: int) -> int:
 
 def bench_decode(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, greedy: bool = False, repeats: int = 5, seed: int = 0,
-                 model: Model | None = None, params=None) -> dict:
-    """Time `sampling.generate` on random-init weights and full-length prompts; return a dict of figures."""
+                 model: Model | None = None, params=None, mesh=None) -> dict:
+    """Time `sampling.generate` on random-init weights and full-length prompts; return a dict of figures.
+
+    mesh: decode data-parallel over its devices (params replicated, the batch split), as
+    `sampling.generate(mesh=...)` does in the binaries.
+    """
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to time decode steps, got {new_tokens}")
     model = model or Model(model_cfg)
@@ -82,7 +86,7 @@ def bench_decode(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens
     def run(n):
         return lambda: sampling.generate(model, params, prompts, lengths, max_new_tokens=n, rng=key,
                                          temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                         eos_id=None, pad_id=0)
+                                         eos_id=None, pad_id=0, mesh=mesh)
 
     first_prefill, prefill_times, _ = _timed(run(1), repeats)
     first_total, total_times, cpu_s = _timed(run(new_tokens), repeats)
@@ -163,6 +167,8 @@ flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Top-p (1 = off).")
 flags.DEFINE_bool("greedy", False, "Greedy decoding.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per figure (median reported).")
+flags.DEFINE_integer("cpu_devices", 0, "CPU backend: split the host into this many devices (0: JAX's default, "
+                     "one) and decode data-parallel over them (the batch split, weights replicated).")
 flags.DEFINE_bool("hf_baseline", False, "Also time Hugging Face generate (needs torch + transformers).")
 flags.DEFINE_integer("hf_threads", 0, "torch.set_num_threads for the baseline (0 = torch's default).")
 
@@ -174,11 +180,20 @@ def _fmt(value: float | None, width: int, digits: int) -> str:
 
 def main(argv):
     del argv
+    if FLAGS.cpu_devices:  # Before anything initialises a backend.
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    mesh = None
+    if jax.device_count() > 1:
+        from jaxlm import sharding  # pylint: disable=import-outside-toplevel
+        mesh = sharding.make_mesh(data=-1)
     cfg = ModelConfig(vocab_size=FLAGS.vocab_size, num_layers=FLAGS.num_layers, d_model=FLAGS.d_model,
                       num_heads=FLAGS.num_heads, scan_unroll=FLAGS.scan_unroll, dtype=FLAGS.dtype,
                       max_seq_len=BENCH_CONFIG.max_seq_len)
     model = Model(cfg)
     params = model.init(jax.random.key(0))
+    if mesh is not None:
+        from jaxlm import sharding  # pylint: disable=import-outside-toplevel
+        params = jax.device_put(params, sharding.replicated(mesh))
     print(f"backend={jax.default_backend()} devices={jax.device_count()} layers={cfg.num_layers} "
           f"d_model={cfg.d_model} heads={cfg.num_heads} vocab={cfg.vocab_size} dtype={cfg.dtype} "
           f"scan_unroll={cfg.scan_unroll} temperature={FLAGS.temperature} top_k={FLAGS.top_k} "
@@ -191,7 +206,7 @@ def main(argv):
     for b in FLAGS.batch:
         r = bench_decode(cfg, int(b), FLAGS.prompt_len, FLAGS.new_tokens, temperature=FLAGS.temperature,
                          top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy, repeats=FLAGS.repeats,
-                         model=model, params=params)
+                         model=model, params=params, mesh=mesh)
         line = (f"{r['batch']:>5} {r['prompt_len']:>6} {r['new_tokens']:>4} {r['tokens_per_s']:>9.0f} "
                 f"{r['tokens_per_s_best']:>7.0f} {_fmt(r['step_ms'], 8, 3)} {1e3 * r['prefill_s']:>10.2f} "
                 f"{_fmt(r['gb_per_s'], 6, 1)} {r['step_mb']:>8.1f} {r['cpu_s']:>6.2f} {r['compile_s']:>9.2f}")

@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
         label_smoothing=0.0,  # cdpo/robust: assumed rate of flipped labels.
         soft_labels=False,  # sigmoid/cdpo: train on the `label` field (P(chosen preferred), AI feedback).
         average_log_probs=False,  # Length-average each side's log-probs (IPO's choice).
+        rpo_alpha=0.0,  # RPO: + alpha x the chosen response's mean token NLL per pair (0 = plain DPO).
     ))
     c.data = ml_collections.ConfigDict(dict(
         train_files="",  # Globs of preference JSONL {prompt, chosen, rejected[, label]}. Empty: TinyWorld layout.

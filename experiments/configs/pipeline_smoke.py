@@ -46,6 +46,6 @@ def get_config() -> ml_collections.ConfigDict:
                    "--config.train.steps=4 --config.train.batch_size=4 "
                    "--config.train.checkpoint_every=4 --config.train.log_every=2 --config.optim.warmup_steps=1 "
                    "--config.eval.max_new_tokens=8 --config.eval.batch_size=8")
-    c.evaluate = ml_collections.ConfigDict(dict(max_prompts=8, max_new_tokens=8, batch_size=8, redteam_prompts=8,
-                                                examples=2))
+    c.evaluate = ml_collections.ConfigDict(dict(max_prompts=8, max_new_tokens=8, batch_size=8, num_samples=2,
+                                                redteam_prompts=8, examples=2))
     return c

@@ -23,12 +23,17 @@ Design decisions:
   cross-entropy against the label, exactly as the reward model's soft Bradley-Terry loss.
 - **Length averaging** (`average_log_probs`, IPO's and SimPO's choice) divides each side's
   log-probs, policy and reference alike, by its number of response tokens.
+- **RPO** (`nll_weight` α > 0; Pang et al. 2024, "Iterative Reasoning Preference Optimization";
+  TRL's `rpo_alpha`) adds α times the chosen response's mean per-token negative log-likelihood
+  to each pair's loss. Plain DPO only pushes the margin, and on small models it typically does
+  so by lowering both sides, the chosen one included (the chosen log-prob drifts down); the NLL
+  term holds the chosen answer's likelihood up. α = 0 is plain DPO (the term is not built).
 
 Metrics (means over real pairs): loss, accuracy (implicit reward of chosen > rejected),
 chosen_reward = β(log π − log π_ref)(y_c), rejected_reward, margin (their difference),
 chosen_logp / rejected_logp (the policy's), and grad_norm, learning_rate.
 
-Left out: SFT-loss mixing (RPO), reference-free variants (SimPO, ORPO), a reference that is
+Left out: reference-free variants (SimPO, ORPO), a reference that is
 periodically synced to the policy (TR-DPO), and sequence packing of pairs.
 """
 
@@ -46,12 +51,15 @@ from jaxlm.train_state import TrainState
 
 Batch = dict[str, jax.Array]
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
-METRICS = ("loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logp", "rejected_logp")
+METRICS = ("loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logp", "rejected_logp",
+           "chosen_nll")
 SOFT_LABEL_TYPES = ("sigmoid", "cdpo")
 
 
-def check_options(cfg: losses.DPOConfig, *, soft_labels: bool) -> None:
+def check_options(cfg: losses.DPOConfig, *, soft_labels: bool, nll_weight: float = 0.0) -> None:
     """Soft labels are a per-pair label smoothing: only for the sigmoid/cDPO loss, and not on top of one."""
+    if nll_weight < 0:
+        raise ValueError(f"nll_weight (RPO's alpha) must be >= 0, got {nll_weight}")
     if soft_labels and cfg.loss_type not in SOFT_LABEL_TYPES:
         raise ValueError(f"soft labels need loss_type in {SOFT_LABEL_TYPES}, got {cfg.loss_type!r}")
     if soft_labels and cfg.label_smoothing:
@@ -84,16 +92,20 @@ def reference_log_probs(model, ref_params, batch: Batch) -> dict[str, jax.Array]
 
 
 def pair_terms(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, *, soft_labels: bool = False,
-               average_log_probs: bool = False) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+               average_log_probs: bool = False, nll_weight: float = 0.0
+               ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(loss_sum, number of real pairs, per-pair terms [B]) for one preference batch.
 
     The reference log-probs are `batch["ref_chosen_logp"]`/`["ref_rejected_logp"]` if present,
     else computed with `ref_params`. Per-pair terms: `losses.dpo_loss`'s aux (loss,
     chosen_rewards, rejected_rewards, accuracy, margin) plus `delta` (Δ), `chosen_logp`,
-    `rejected_logp` (the policy's, summed or length-averaged as the loss used them).
+    `rejected_logp` (the policy's, summed or length-averaged as the loss used them) and
+    `chosen_nll` (mean per-token negative log-likelihood of the chosen response); with
+    `nll_weight` α > 0 the loss is the DPO loss plus α · chosen_nll per pair (RPO).
     """
-    check_options(cfg, soft_labels=soft_labels)
+    check_options(cfg, soft_labels=soft_labels, nll_weight=nll_weight)
     chosen, rejected, n_chosen, n_rejected = pair_log_probs(model, params, batch)
+    chosen_nll = -chosen / jnp.maximum(n_chosen, 1.0)
     if all(k in batch for k in REF_KEYS):
         ref = {k: batch[k] for k in REF_KEYS}
     elif ref_params is None:
@@ -108,9 +120,12 @@ def pair_terms(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, *
     weight = batch["weight"] if "weight" in batch else jnp.ones_like(chosen)
     loss_sum, count, aux = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
                                            loss_type=cfg.loss_type, label_smoothing=smoothing, weights=weight)
+    if nll_weight:
+        loss_sum = loss_sum + nll_weight * jnp.sum(jnp.where(weight > 0, weight * chosen_nll, 0.0))
+        aux["loss"] = aux["loss"] + nll_weight * jax.lax.stop_gradient(chosen_nll)
     delta = jax.lax.stop_gradient((chosen - ref_chosen) - (rejected - ref_rejected))
     terms = {**aux, "delta": delta, "chosen_logp": jax.lax.stop_gradient(chosen),
-             "rejected_logp": jax.lax.stop_gradient(rejected)}
+             "rejected_logp": jax.lax.stop_gradient(rejected), "chosen_nll": jax.lax.stop_gradient(chosen_nll)}
     return loss_sum, count, terms
 
 
@@ -121,21 +136,21 @@ def batch_loss(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, *
     w = jnp.asarray(batch["weight"] if "weight" in batch else jnp.ones_like(t["loss"]), jnp.float32)
     per_pair = {"accuracy": t["accuracy"], "chosen_reward": t["chosen_rewards"],
                 "rejected_reward": t["rejected_rewards"], "margin": t["margin"], "chosen_logp": t["chosen_logp"],
-                "rejected_logp": t["rejected_logp"]}
+                "rejected_logp": t["rejected_logp"], "chosen_nll": t["chosen_nll"]}
     sums = {"loss": jax.lax.stop_gradient(loss_sum), **{k: jnp.sum(w * v) for k, v in per_pair.items()}}
     return loss_sum, count, sums
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule | None,
                     cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool = False,
-                    grad_accum: int = 1) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+                    nll_weight: float = 0.0, grad_accum: int = 1) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
     """step(state, batch, ref_params) -> (state, metrics); ref_params=None with precomputed reference log-probs.
 
     Jit with `donate_argnums=0` only: the reference must never be donated (or aliased with the
     policy's parameters, which are donated).
     """
-    check_options(cfg, soft_labels=soft_labels)
-    options = dict(soft_labels=soft_labels, average_log_probs=average_log_probs)
+    check_options(cfg, soft_labels=soft_labels, nll_weight=nll_weight)
+    options = dict(soft_labels=soft_labels, average_log_probs=average_log_probs, nll_weight=nll_weight)
 
     def loss_fn(params, batch, ref_params):
         loss_sum, count, sums = batch_loss(model, params, batch, ref_params, cfg, **options)
@@ -153,14 +168,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
     return step
 
 
-def make_eval_step(model, cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool = False
-                   ) -> Callable[[Any, Batch, Any], dict[str, jax.Array]]:
+def make_eval_step(model, cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool = False,
+                   nll_weight: float = 0.0) -> Callable[[Any, Batch, Any], dict[str, jax.Array]]:
     """eval_step(params, batch, ref_params) -> {METRICS sums, pairs}; add over batches, then `finish_eval`."""
-    check_options(cfg, soft_labels=soft_labels)
+    check_options(cfg, soft_labels=soft_labels, nll_weight=nll_weight)
 
     def eval_step(params, batch, ref_params):
         _, count, sums = batch_loss(model, params, batch, ref_params, cfg, soft_labels=soft_labels,
-                                    average_log_probs=average_log_probs)
+                                    average_log_probs=average_log_probs, nll_weight=nll_weight)
         return {**sums, "pairs": count}
 
     return eval_step
