@@ -2,14 +2,16 @@
 
     python -m experiments.pipeline --workdir=runs/pipeline
 
-Measured 2026-11-28 on 2 idle CPU cores: 841 s (pretrain 226, SFT 133, preferences 39, reward
-99, PPO 132, DPO 105, CAI 63, evaluate 42). DIR/report.md (and report.html, plots/*.png) shows
-one row per model — base, SFT, PPO, DPO, CAI — with the gold judge's score and its parts, the
-reward model's score, the KL to the SFT model, answer length and refusal rates. That run: gold
-0.031 (base) → 0.521 (SFT); PPO 0.470 at 0.67 nats from SFT (its reward-model score rising);
-DPO 0.481; CAI 0.519 with rude or harmful red-team answers down from 67% to 11%. The reward
-model (held-out accuracy 0.56 against a Bayes accuracy of 0.80, at chance on context and
-arithmetic pairs: tools.reward_breakdown) is what keeps PPO from raising the gold score.
+Measured 2026-11-29 on 2 idle CPU cores (`--workdir=/tmp/pl/run5`): 11 min 40 s wall, 799 s of
+stages (pretrain 152, SFT 91, preferences 28, reward 67, PPO 131, DPO 100, CAI 65, evaluate 63).
+DIR/report.md (and report.html, plots/*.png) shows one row per model — base, SFT, PPO, DPO, CAI —
+with the gold judge's score of greedy and of sampled answers and its parts, the reward model's
+score, the KL to the SFT model, answer length and refusal rates, each model's difference to SFT
+with its standard error, and a Checks section. That run: gold (greedy) 0.029 (base) → 0.507
+(SFT) → PPO 0.540, DPO 0.533, CAI 0.554; gold (sampled) SFT 0.402 → PPO 0.451 (+3.7 s.e.),
+DPO 0.437 (+3.7 s.e.); PPO at 0.59 nats from SFT; CAI cuts rude or harmful red-team answers
+from 48% to 19%. The reward model (held-out accuracy 0.56 against a Bayes accuracy of 0.79,
+near chance on context and arithmetic pairs: tools.reward_breakdown) caps PPO's gains.
 
 Each stage is its own resumable run in DIR/<stage>/, started as a subprocess with its own config
 file plus the flags below; rerunning the command skips finished stages and resumes the one that
