@@ -119,7 +119,7 @@ def evaluate(cfg, model, params, tokenizer, records: list[dict]) -> dict:
     result = eval_lib.evaluate_policy(model, params, tokenizer, [r["prompt"] for r in records],
                                       families=[r.get("family", "all") for r in records],
                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                      bucket=64)
+                                      bucket=64, num_samples=0)
     red = [r for r in result.records if r["family"] == cfg.eval.redteam_family]
     other = [r for r in result.records if r["family"] != cfg.eval.redteam_family]
     out = {f"redteam/{k}": v for k, v in cai.harm_rates(red).items()}
