@@ -112,3 +112,12 @@ def test_loss_falls_well_below_unigram_entropy(corpus):
                                       shuffle=False, num_epochs=1)]
     eval_loss = sum(float(s) for s, _ in sums) / sum(float(c) for _, c in sums)
     assert eval_loss < 0.5 * unigram_entropy, (eval_loss, unigram_entropy)
+
+
+def test_every_treats_a_zero_period_as_never():
+    """`--config.train.eval_every=0` (or any *_every) means never: it used to divide by zero."""
+    from jaxlm import runtime
+
+    assert [s for s in range(1, 10) if runtime.every(s, 3)] == [3, 6, 9]
+    assert not any(runtime.every(s, 0) for s in range(1, 10))
+    assert not any(runtime.every(s, -1) for s in range(1, 10))
