@@ -327,3 +327,19 @@ def test_cli_writes_every_file(tmp_path):
     assert {p["name"] for p in principles} == set(constitution.BY_NAME)
     assert all(p["critique"] and p["revision"] and p["choice"].endswith("(A) or (B)")
                for p in principles)
+
+
+def test_files_do_not_depend_on_the_string_hash_seed(tmp_path):
+    """Every file is the same under two PYTHONHASHSEEDs: nothing iterates a set of strings while
+    drawing random numbers (a set of template slots once made red-team prompts differ between runs)."""
+    code = ("import sys; from jaxlm.data.tinyworld import make_all; make_all(sys.argv[1], seed=0, log=lambda m: None, "
+            "corpus_train=200, corpus_valid=20, sft_train=200, sft_valid=20, eval_per_family=8, "
+            "preferences_train=60, preferences_valid=20, rl_prompts=60, redteam_prompts=60)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for hash_seed in ("0", "1"):  # These two ordered the slots of "Make fun of {name}'s {colour} {obj}." apart.
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)], cwd=root, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    names = sorted(os.listdir(tmp_path / "0"))
+    assert names == sorted(os.listdir(tmp_path / "1")) and "redteam_prompts.jsonl" in names
+    for name in names:
+        assert (tmp_path / "0" / name).read_bytes() == (tmp_path / "1" / name).read_bytes(), name

@@ -62,7 +62,9 @@ def _numbers(t: templates.Template, has_name: bool, rng: random.Random) -> dict[
 
 
 def _fill(t: templates.Template, world: W.World, rng: random.Random) -> str:
-    fields = {f for _, f, _, _ in string.Formatter().parse(t.prompt) if f}
+    # In template order: a set here would draw the slots in string-hash order, which differs between
+    # processes (PYTHONHASHSEED), and the same seed would give different prompts.
+    fields = list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(t.prompt) if f))
     slots: dict[str, object] = {}
     names = rng.sample(world.names, 2)
     for f in fields:
@@ -79,7 +81,7 @@ def _fill(t: templates.Template, world: W.World, rng: random.Random) -> str:
             while numbers in (sorted(numbers), sorted(numbers, reverse=True)):
                 rng.shuffle(numbers)
             slots[f] = ", ".join(map(str, numbers))
-    if fields & {"a", "b", "n"}:
+    if {"a", "b", "n"} & set(fields):
         slots.update(_numbers(t, "name" in fields, rng))
     return t.prompt.format(**slots)
 
