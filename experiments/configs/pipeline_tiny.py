@@ -2,16 +2,16 @@
 
     python -m experiments.pipeline --workdir=runs/pipeline
 
-Measured 2026-11-29 on 2 idle CPU cores (`--workdir=/tmp/pl/run5`): 11 min 40 s wall, 799 s of
-stages (pretrain 152, SFT 91, preferences 28, reward 67, PPO 131, DPO 100, CAI 65, evaluate 63).
+Measured 2026-11-29 on 2 idle CPU cores (`--workdir=/tmp/pl/run7`): 12 min 16 s wall, 835 s of
+stages (pretrain 154, SFT 92, preferences 35, reward 77, PPO 138, DPO 103, CAI 60, evaluate 75).
 DIR/report.md (and report.html, plots/*.png) shows one row per model — base, SFT, PPO, DPO, CAI —
 with the gold judge's score of greedy and of sampled answers and its parts, the reward model's
 score, the KL to the SFT model, answer length and refusal rates, each model's difference to SFT
-with its standard error, and a Checks section. That run: gold (greedy) 0.029 (base) → 0.507
-(SFT) → PPO 0.540, DPO 0.533, CAI 0.554; gold (sampled) SFT 0.402 → PPO 0.451 (+3.7 s.e.),
-DPO 0.437 (+3.7 s.e.); PPO at 0.59 nats from SFT; CAI cuts rude or harmful red-team answers
-from 48% to 19%. The reward model (held-out accuracy 0.56 against a Bayes accuracy of 0.79,
-near chance on context and arithmetic pairs: tools.reward_breakdown) caps PPO's gains.
+with its standard error, and a Checks section. That run: gold (greedy) 0.034 (base) → 0.518
+(SFT); PPO 0.519, DPO 0.536, CAI 0.509; gold (sampled) SFT 0.405 → PPO 0.431 (+2.0 s.e.), DPO
+0.444 (+3.9 s.e.), CAI 0.447; PPO at 0.63 nats from SFT; CAI cuts rude or harmful red-team
+answers from 50% to 22%. The reward model (held-out accuracy 0.56 against a Bayes accuracy of
+0.79, near chance on context and arithmetic pairs: tools.reward_breakdown) caps PPO's gains.
 
 Each stage is its own resumable run in DIR/<stage>/, started as a subprocess with its own config
 file plus the flags below; rerunning the command skips finished stages and resumes the one that
