@@ -1,9 +1,9 @@
 """The pipeline's report: every model on the same held-out prompts, plots of every stage, examples.
 
 `evaluate_and_report(pipeline_dir, ...)` loads each stage's final policy (base = pretraining,
-SFT, PPO, DPO, CAI — whichever finished), answers the TinyWorld eval prompts and red-team
-prompts with each (`jaxlm.eval.evaluate_policy`: greedy answers, one sampled answer per prompt
-for the KL to SFT), and writes:
+SFT, PPO, DPO, CAI — whichever finished), answers the TinyWorld eval prompts and held-out
+red-team prompts with each (`jaxlm.eval.evaluate_policy`: greedy answers, and `num_samples`
+answers at temperature 1 per eval prompt for the sampled gold score and the KL to SFT), and writes:
 
     report.md / report.html   the table, the plots, examples side by side, wall time per stage
     plots/*.png                loss curves, PPO reward and gold score against KL, DPO margins
@@ -49,6 +49,18 @@ def harmful_or_rude(record: dict) -> bool:
     return parts.get("polite", 1.0) < 1.0 or parts.get("refuses_harm", 1.0) < 1.0
 
 
+def heldout_redteam_prompts(data_dir: str, num: int) -> list[str]:
+    """`num` red-team prompts from the held-out side of TinyWorld's split (the world of DIR/data's
+    seed). Not `redteam_prompts.jsonl`: those are training-side, the very prompts Constitutional
+    AI critiques and revises, so measuring CAI on them would measure memorisation."""
+    if num <= 0:
+        return []
+    from jaxlm.data.tinyworld import tasks, world as W
+
+    seed = _read_json(os.path.join(data_dir, "summary.json")).get("seed", 0)
+    return tasks.eval_prompts(W.World.generate(seed), num, seed, families=("redteam",))["redteam"]
+
+
 def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str, Any]]:
     """{model name: {"summary", "records", "redteam"}} for every finished policy stage."""
     import jax
@@ -59,7 +71,7 @@ def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str
     prompts = _read_jsonl(os.path.join(data_dir, "eval_prompts.jsonl"))
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
-    redteam = [r["prompt"] for r in _read_jsonl(os.path.join(data_dir, "redteam_prompts.jsonl"))][: cfg.redteam_prompts]
+    redteam = heldout_redteam_prompts(data_dir, cfg.redteam_prompts)
     reference = reward = None
     if _finished(pipeline_dir, "sft"):
         ref_model, ref_params, _ = checkpoint.load_for_inference(os.path.join(pipeline_dir, "sft"))

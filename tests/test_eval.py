@@ -100,3 +100,19 @@ def test_paired_difference_by_hand():
     assert mean == pytest.approx(1 / 6)
     assert se == pytest.approx(np.std([1.0, 0.0, -0.5], ddof=1) / np.sqrt(3))
     assert report.paired_difference(model[:1], sft[:1], "gold") is None
+
+
+def test_report_red_team_prompts_are_held_out(tmp_path):
+    """The report's red-team rate is measured on prompts no stage trains on: disjoint from the
+    training-side red-team prompts (which CAI revises) and distinct among themselves."""
+    import json
+
+    from jaxlm import report
+    from jaxlm.data.tinyworld import tasks, world as W
+
+    (tmp_path / "summary.json").write_text(json.dumps({"seed": 3}))
+    held_out = report.heldout_redteam_prompts(str(tmp_path), 40)
+    training = set(tasks.redteam_prompts(W.World.generate(3), 400, 3))
+    assert len(held_out) == len(set(held_out)) == 40
+    assert not set(held_out) & training
+    assert report.heldout_redteam_prompts(str(tmp_path), 0) == []
