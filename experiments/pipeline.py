@@ -202,8 +202,29 @@ class Pipeline:
                     f"--config.data.eval_prompts_file={self.data_dir}/eval_prompts.jsonl", extra=self.cfg.dpo.flags)
 
     def stage_cai(self):
+        """Constitutional AI's critique → revision fine-tuning on red-team prompts and, with
+        `cai.harmful_prompts` > 0, that many training-side harmful requests from rl_prompts.jsonl
+        (DIR/cai_prompts.jsonl): revising only rude red-team answers leaves the harmful
+        compliance the SFT data teaches untouched (greedy refusals of harmful requests fell to 0.83)."""
+        prompts = []
+        n = self.cfg.cai.get("harmful_prompts", 0)
+        if n:
+            import random
+            with open(os.path.join(self.data_dir, "redteam_prompts.jsonl")) as f:
+                records = [{"prompt": json.loads(line)["prompt"]} for line in f if line.strip()]
+            with open(os.path.join(self.data_dir, "rl_prompts.jsonl")) as f:
+                harmful = [{"prompt": r["prompt"]} for r in map(json.loads, filter(str.strip, f))
+                           if r.get("family") == "harmful"]
+            records += harmful[:n]
+            random.Random(self.cfg.seed).shuffle(records)
+            path = self.path("cai_prompts.jsonl")
+            with open(path + ".tmp", "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+            os.replace(path + ".tmp", path)
+            print(f"CAI prompts: red-team + {min(n, len(harmful))} harmful requests -> {path}", flush=True)
+            prompts = [f"--config.data.prompts_file={path}"]
         self.binary("experiments.cai", self.path("cai"), self.cfg.cai.config, f"--config.init_from={self.path('sft')}",
-                    f"--config.data.dir={self.data_dir}", extra=self.cfg.cai.flags)
+                    f"--config.data.dir={self.data_dir}", *prompts, extra=self.cfg.cai.flags)
 
     def stage_evaluate(self):
         from jaxlm import report

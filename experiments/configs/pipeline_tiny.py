@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
                    "--config.train.checkpoint_every=40 --config.loss.beta=0.5")
     c.dpo.pairs = "tinyworld"  # 'preferences': the reward model's pairs (DIR/preferences); 'tinyworld': ready-made.
     c.cai = _stage("experiments/configs/cai_tiny.py", "")
+    # Training-side harmful requests added to the red-team prompts CAI critiques and revises (0: red-team
+    # only). With 200: refusals of held-out harmful requests 0.83 -> 1.00, rude/harmful answers to held-out
+    # red-team prompts 0.16 -> 0.02 (BUILD_NOTES.md, session 3).
+    c.cai.harmful_prompts = 200
     # The final evaluation: every model answers the same held-out prompts greedily and num_samples
     # times at temperature 1 (gold score of both; KL to SFT on the samples), scored by the gold judge
     # and the reward model.
