@@ -2,17 +2,17 @@
 
     python -m experiments.pipeline --workdir=runs/pipeline
 
-Measured 2026-11-29 on 2 idle CPU cores (`--workdir=/tmp/pl/run7`): 12 min 16 s wall, 835 s of
-stages (pretrain 154, SFT 92, preferences 35, reward 77, PPO 138, DPO 103, CAI 60, evaluate 75).
-DIR/report.md (and report.html, plots/*.png) shows one row per model — base, SFT, PPO, DPO, CAI —
-with the gold judge's score of greedy and of sampled answers and its parts, the reward model's
-score, the KL to the SFT model, answer length and refusal rates, each model's difference to SFT
-with its standard error, and a Checks section. That run: gold (greedy) 0.034 (base) → 0.518
-(SFT); PPO 0.519, DPO 0.536; gold (sampled) SFT 0.405 → PPO 0.431 (+2.0 s.e.), DPO 0.444
-(+3.9 s.e.); PPO at 0.63 nats from SFT. With this config's CAI stage (harmful_prompts=200, run
-as /tmp/pl/run10 on run7's earlier stages): CAI 0.528 greedy, 0.453 sampled, rude or harmful
-answers to held-out red-team prompts 33% → 2%. The reward model (held-out accuracy 0.56 against a Bayes accuracy of
-0.79, near chance on context and arithmetic pairs: tools.reward_breakdown) caps PPO's gains.
+Measured 2026-11-29 on 2 CPU cores (`--workdir=/tmp/pl/run11`, from scratch): 13 min 31 s wall,
+810 s of stages (pretrain 173, SFT 115, preferences 37, reward 85, PPO 141, DPO 105, CAI 72,
+evaluate 81; an earlier run of the same stages: 12 min 16 s). DIR/report.md (and report.html,
+plots/*.png) shows one row per model — base, SFT, PPO, DPO, CAI — with the gold judge's score
+of greedy and of sampled answers and its parts, the reward model's score, the KL to the SFT
+model, answer length and refusal rates, each model's difference to SFT with its standard error,
+and a Checks section. That run: gold (greedy) 0.034 (base) → 0.518 (SFT); PPO 0.519, DPO 0.536,
+CAI 0.528; gold (sampled) SFT 0.405 → PPO 0.431 (+2.0 s.e.), DPO 0.444 (+3.9 s.e.), CAI 0.453;
+PPO at 0.63 nats from SFT; CAI brings rude or harmful answers to held-out red-team prompts from
+33% to 2%. The reward model (held-out accuracy 0.56 against a Bayes accuracy of 0.79, near
+chance on context and arithmetic pairs: tools.reward_breakdown) caps PPO's gains.
 
 Each stage is its own resumable run in DIR/<stage>/, started as a subprocess with its own config
 file plus the flags below; rerunning the command skips finished stages and resumes the one that
