@@ -206,25 +206,29 @@ class Pipeline:
         `cai.harmful_prompts` > 0, that many training-side harmful requests from rl_prompts.jsonl
         (DIR/cai_prompts.jsonl): revising only rude red-team answers leaves the harmful
         compliance the SFT data teaches untouched (greedy refusals of harmful requests fell to 0.83)."""
-        prompts = []
         n = self.cfg.cai.get("harmful_prompts", 0)
-        if n:
-            import random
-            with open(os.path.join(self.data_dir, "redteam_prompts.jsonl")) as f:
-                records = [{"prompt": json.loads(line)["prompt"]} for line in f if line.strip()]
-            with open(os.path.join(self.data_dir, "rl_prompts.jsonl")) as f:
-                harmful = [{"prompt": r["prompt"]} for r in map(json.loads, filter(str.strip, f))
-                           if r.get("family") == "harmful"]
-            records += harmful[:n]
-            random.Random(self.cfg.seed).shuffle(records)
-            path = self.path("cai_prompts.jsonl")
-            with open(path + ".tmp", "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in records))
-            os.replace(path + ".tmp", path)
-            print(f"CAI prompts: red-team + {min(n, len(harmful))} harmful requests -> {path}", flush=True)
-            prompts = [f"--config.data.prompts_file={path}"]
+        prompts = [f"--config.data.prompts_file={self._cai_prompts_file(n)}"] if n else []
         self.binary("experiments.cai", self.path("cai"), self.cfg.cai.config, f"--config.init_from={self.path('sft')}",
                     f"--config.data.dir={self.data_dir}", *prompts, extra=self.cfg.cai.flags)
+
+    def _cai_prompts_file(self, num_harmful: int) -> str:
+        """DIR/cai_prompts.jsonl: every red-team prompt plus the first `num_harmful` harmful requests
+        of rl_prompts.jsonl (both training-side), shuffled with the pipeline's seed."""
+        import random
+
+        from jaxlm.data.tinyworld.corpus import write_jsonl
+
+        def read(name: str) -> list[dict]:
+            with open(os.path.join(self.data_dir, name)) as f:
+                return [json.loads(line) for line in f if line.strip()]
+
+        harmful = [{"prompt": r["prompt"]} for r in read("rl_prompts.jsonl") if r.get("family") == "harmful"]
+        records = [{"prompt": r["prompt"]} for r in read("redteam_prompts.jsonl")] + harmful[:num_harmful]
+        random.Random(self.cfg.seed).shuffle(records)
+        path = self.path("cai_prompts.jsonl")
+        write_jsonl(path, records)
+        print(f"CAI prompts: red-team + {min(num_harmful, len(harmful))} harmful requests -> {path}", flush=True)
+        return path
 
     def stage_evaluate(self):
         from jaxlm import report

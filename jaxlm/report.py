@@ -248,7 +248,6 @@ def checks(pipeline_dir: str, results: dict[str, dict]) -> list[tuple[str, bool 
     real gain from noise (two standard errors is the usual bar)."""
     out: list[tuple[str, bool | None, str]] = []
     gold = {name: r["summary"].get("gold") for name, r in results.items()}
-    sampled = {name: r["summary"].get("gold_sampled") for name, r in results.items()}
 
     def above_sft(name: str, key: str) -> tuple[bool | None, str]:
         if name not in results or "SFT" not in results:
