@@ -60,13 +60,16 @@ def prepare_data(cfg, workdir: str) -> dict:
             "valid": os.path.join(data_dir, "preferences_valid.jsonl"), "dir": data_dir}
 
 
-def bayes_accuracy(data_dir: str) -> float | None:
-    """The held-out labels' Bayes accuracy from DIR/summary.json (TinyWorld, tools/make_preferences)."""
+def label_ceilings(data_dir: str) -> dict[str, float]:
+    """What the held-out labels allow, from DIR/summary.json (TinyWorld, tools/make_preferences):
+    `bayes_accuracy` (a model that knows the gold scores) and `content_blind_accuracy` (a judge
+    that sees style, harm and refusals but not whether an answer is right). Empty without one."""
     path = os.path.join(data_dir, "summary.json") if data_dir else ""
     if not path or not os.path.exists(path):
-        return None
+        return {}
     with open(path) as f:
-        return json.load(f).get("preferences", {}).get("valid", {}).get("bayes_accuracy")
+        valid = json.load(f).get("preferences", {}).get("valid", {})
+    return {k: valid[k] for k in ("bayes_accuracy", "content_blind_accuracy") if k in valid}
 
 
 def _prompt(obj: dict):
@@ -225,7 +228,8 @@ def main(argv):
 
     train_pairs = load_pairs(cfg, files["train"], tokenizer)
     valid_pairs = load_pairs(cfg, files["valid"], tokenizer) if files["valid"] else None
-    bayes = bayes_accuracy(files["dir"])
+    ceilings = label_ceilings(files["dir"])
+    bayes = ceilings.get("bayes_accuracy")
     print(f"Reward model: {model_cfg.num_params() / 1e6:.2f}M parameters; mesh {sharding.describe(mesh)}; {steps} "
           f"steps of {cfg.data.batch_size} pairs; {len(train_pairs)} training pairs", flush=True)
 
@@ -278,8 +282,7 @@ def main(argv):
                     if valid_pairs is not None and (runtime.every(step, cfg.train.eval_every) or step == steps):
                         last_eval = evaluate(eval_step, state.params, cfg, valid_pairs, tokenizer, mesh)
                         values.update(last_eval)
-                        if bayes is not None:
-                            values["bayes_accuracy"] = bayes
+                        values.update(ceilings)
                     writer.write(step, values)
                     progress.update(0, loss=values["loss"], acc=values["accuracy"],
                                     **({"eval_acc": values["eval_accuracy"]} if "eval_accuracy" in values else {}))
@@ -318,12 +321,14 @@ def main(argv):
                          "reward_std_after_normalization": norm["after"]["std"]})
     writer.close()
     report = {"step": steps, **{k.removeprefix("eval_"): v for k, v in last_eval.items()}, "bayes_accuracy": bayes,
-              "reward_normalization": norm}
+              **ceilings, "reward_normalization": norm}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
     if last_eval:
         beside = f" (Bayes accuracy of the labels: {bayes:.3f})" if bayes is not None else ""
+        if "content_blind_accuracy" in ceilings:
+            beside += f" (a judge blind to content: {ceilings['content_blind_accuracy']:.3f})"
         print(f"Held-out accuracy {last_eval['eval_accuracy']:.3f}{beside}; loss {last_eval['eval_loss']:.4f} on "
               f"{int(last_eval['eval_pairs'])} pairs", flush=True)
     print(f"Normalised on {len(sequences)} {cfg.normalize.on} samples: raw mean {mean:.4f}, std {std:.4f} -> "

@@ -266,11 +266,11 @@ def checks(pipeline_dir: str, results: dict[str, dict]) -> list[tuple[str, bool 
             out.append((f"{name} > SFT (gold, {label})", ok, text))
     rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
     accs = [r for r in rm if "eval_accuracy" in r]
-    bayes = _bayes_accuracy(pipeline_dir, rm)
+    bayes = _label_ceiling(pipeline_dir, rm)
     if accs and bayes:
         acc = accs[-1]["eval_accuracy"]
         out.append(("reward model within 5 points of the Bayes accuracy", bayes - acc <= 0.05,
-                    f"{acc:.3f} vs {bayes:.3f}"))
+                    f"{acc:.3f} vs {_reward_ceilings(pipeline_dir, rm)}"))
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
     kl_cfg = _read_json(os.path.join(pipeline_dir, "ppo", "config.json")).get("kl", {})
     if ppo and kl_cfg.get("adaptive") and "PPO" in results:
@@ -286,12 +286,20 @@ def checks(pipeline_dir: str, results: dict[str, dict]) -> list[tuple[str, bool 
     return out
 
 
-def _bayes_accuracy(pipeline_dir: str, rm_metrics: list[dict]) -> float | None:
-    bayes = next((r.get("bayes_accuracy") for r in reversed(rm_metrics) if "bayes_accuracy" in r), None)
-    if bayes is None:  # Pairs sampled by tools.make_preferences: the labels' Bayes accuracy is in its summary.
+def _label_ceiling(pipeline_dir: str, rm_metrics: list[dict], key: str = "bayes_accuracy") -> float | None:
+    """`bayes_accuracy` or `content_blind_accuracy` of the reward model's held-out labels."""
+    value = next((r.get(key) for r in reversed(rm_metrics) if key in r), None)
+    if value is None:  # Pairs sampled by tools.make_preferences: the figures are in its summary.
         summary = _read_json(os.path.join(pipeline_dir, "preferences", "summary.json"))
-        bayes = summary.get("preferences", {}).get("valid", {}).get("bayes_accuracy")
-    return bayes
+        value = summary.get("preferences", {}).get("valid", {}).get(key)
+    return value
+
+
+def _reward_ceilings(pipeline_dir: str, rm_metrics: list[dict]) -> str:
+    """'0.787' or '0.787; a judge blind to content: 0.582', the held-out labels' ceilings."""
+    bayes = _label_ceiling(pipeline_dir, rm_metrics)
+    blind = _label_ceiling(pipeline_dir, rm_metrics, "content_blind_accuracy")
+    return f"{bayes:.3f}" + (f"; a judge blind to content: {blind:.3f}" if blind is not None else "")
 
 
 def examples(results: dict[str, dict], n: int) -> str:
@@ -345,9 +353,9 @@ def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str,
     rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
     accs = [r for r in rm if "eval_accuracy" in r]
     if accs:
-        bayes = _bayes_accuracy(pipeline_dir, rm)
+        bayes = _label_ceiling(pipeline_dir, rm)
         parts += [f"Reward model held-out accuracy: {accs[-1]['eval_accuracy']:.3f}"
-                  + (f" (Bayes accuracy of the labels: {bayes:.3f})" if bayes else ""), ""]
+                  + (f" (Bayes accuracy of the labels: {_reward_ceilings(pipeline_dir, rm)})" if bayes else ""), ""]
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
     if ppo and "kl_k1" in ppo[-1]:
         last = ppo[-1]

@@ -304,8 +304,15 @@ def test_reward_breakdown_family_accuracy_by_hand():
                {"family": "b"}]
     rows = family_accuracy(records, chosen=[2.0, 1.0, 0.0, 3.0], rejected=[1.0, 0.0, 1.0, 1.0])
     assert list(rows) == ["a", "b", "all"]
+    assert all(np.isnan(row.pop("content_blind_accuracy")) for row in rows.values())  # no TinyWorld prompts
     assert rows["a"] == {"pairs": 2, "accuracy": 1.0, "gold_order_accuracy": 0.5, "bayes_accuracy": 0.8}
     b = rows["b"]
     assert (b["pairs"], b["accuracy"], b["bayes_accuracy"]) == (2, 0.5, 0.6) and np.isnan(b["gold_order_accuracy"])
     assert rows["all"]["pairs"] == 4 and rows["all"]["accuracy"] == 0.75
     assert rows["all"]["gold_order_accuracy"] == 0.5 and rows["all"]["bayes_accuracy"] == pytest.approx(0.7333333)
+    # TinyWorld pairs: a content-blind judge sees the refusal (right) but ties the wrong sum (one half).
+    p = "What is 9 plus 10?"
+    tw = [{"family": "arithmetic", "prompt": p, "chosen": "9 plus 10 is 19.", "rejected": "I will not answer that."},
+          {"family": "arithmetic", "prompt": p, "chosen": "9 plus 10 is 19.", "rejected": "9 plus 10 is 18."}]
+    rows = family_accuracy(tw, chosen=[1.0, 1.0], rejected=[0.0, 0.0])
+    assert rows["arithmetic"]["content_blind_accuracy"] == rows["all"]["content_blind_accuracy"] == 0.75

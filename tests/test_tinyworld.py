@@ -272,6 +272,25 @@ def test_bayes_accuracy_matches_empirical_label_agreement():
     assert preferences.bayes_accuracy(records, 0.05) > bayes
 
 
+def test_content_blind_judge_sees_style_and_harm_but_not_whether_the_answer_is_right():
+    p = "What is 9 plus 10?"
+    assert judge.score(p, "9 plus 10 is 18.").total < 0.2
+    assert judge.content_blind_score(p, "9 plus 10 is 18.") == judge.content_blind_score(p, "9 plus 10 is 19.") == 1.0
+    assert judge.content_blind_score(p, "I will not answer that.") == 0.0  # no attempt
+    # Wrong and rude: polite 0.5 -> x0.75; 9 words against the ideal's 5 + 2 -> concise 7/9.
+    rude = "9 plus 10 is 18. Stop asking stupid questions."
+    assert judge.content_blind_score(p, rude) == pytest.approx(0.75 * (0.4 + 0.6 * 7 / 9))
+    harm = tasks.redteam_prompts(WORLD, 1, seed=0)[0]  # Harm requests: judged as the gold judge does.
+    for answer in ("I will not do that. You can be kind.", judge.ideal_response(harm), "Ugh, fine."):
+        assert judge.content_blind_score(harm, answer) == judge.score(harm, answer).total
+    records = [  # Content-only difference: a tie, one half. A refusal below an attempt: agrees, or not.
+        {"prompt": p, "chosen": "9 plus 10 is 19.", "rejected": "9 plus 10 is 18."},
+        {"prompt": p, "chosen": "9 plus 10 is 18.", "rejected": "I will not answer that."},
+        {"prompt": p, "chosen": "I will not answer that.", "rejected": "9 plus 10 is 19."},
+        {"prompt": p, "chosen": "9 plus 10 is 19.", "rejected": rude}]
+    assert preferences.content_blind_accuracy(records) == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+
+
 def test_pairs_from_model_samples():
     rng = random.Random(0)
     p = "What is 6 minus 2?"
@@ -323,6 +342,7 @@ def test_cli_writes_every_file(tmp_path):
     assert summary["seed"] == 3 and summary["flaw_share"] == 0.4 and summary["temperature"] == 0.1
     assert summary["counts"]["sft_train.jsonl"] == SMALL["sft_train"]
     assert 0.5 < summary["preferences"]["train"]["bayes_accuracy"] <= 1.0
+    assert 0.0 <= summary["preferences"]["train"]["content_blind_accuracy"] <= 1.0
     principles = json.loads((out / "constitution.json").read_text())["principles"]
     assert {p["name"] for p in principles} == set(constitution.BY_NAME)
     assert all(p["critique"] and p["revision"] and p["choice"].endswith("(A) or (B)")

@@ -6,7 +6,11 @@ One row per `family` of the pair file: pairs, accuracy against the (noisy) label
 against the gold order where the file records the judge's scores (`chosen_score`,
 `rejected_score`; ties left out), and the Bayes accuracy of the labels (mean max(p, 1 - p) of
 `label`, the best any model can do against these labels). A family far below its Bayes accuracy
-is one the reward model cannot yet read, and one PPO cannot improve on through it.
+is one the reward model cannot yet read, and one PPO cannot improve on through it. On
+TinyWorld pairs a last column gives the accuracy of a judge blind to content
+(`tinyworld.judge.content_blind_score`: style, harm and refusals, not whether the answer is
+right): a reward model near that column and below the Bayes one ranks style but cannot check
+answers.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Sequences scored at once."
 
 
 def family_accuracy(records: Sequence[dict], chosen: Sequence[float], rejected: Sequence[float]) -> dict[str, dict]:
-    """{family: {pairs, accuracy, gold_order_accuracy, bayes_accuracy}} plus an "all" row.
+    """{family: {pairs, accuracy, gold_order_accuracy, bayes_accuracy, content_blind_accuracy}} plus an "all" row.
 
     accuracy: chosen scored above rejected. gold_order_accuracy: the higher score goes to the
     answer the gold judge scored higher (NaN when no pair records unequal judge scores).
-    bayes_accuracy: mean of max(label, 1 - label) (NaN without labels).
+    bayes_accuracy: mean of max(label, 1 - label) (NaN without labels). content_blind_accuracy:
+    agreement of a content-blind judge with the label, ties one half (NaN where no pair is a
+    TinyWorld prompt with both responses).
     """
-    rows = collections.defaultdict(lambda: {"right": [], "gold": [], "bayes": []})
+    rows = collections.defaultdict(lambda: {"right": [], "gold": [], "bayes": [], "blind": []})
     for r, a, b in zip(records, chosen, rejected, strict=True):
         for family in (r.get("family", "?"), "all"):
             row = rows[family]
@@ -41,9 +47,24 @@ def family_accuracy(records: Sequence[dict], chosen: Sequence[float], rejected: 
                 row["gold"].append((a > b) == (r["chosen_score"] > r["rejected_score"]))
             if "label" in r:
                 row["bayes"].append(max(r["label"], 1.0 - r["label"]))
+        blind = _content_blind_right(r)
+        if blind is not None:
+            rows[r.get("family", "?")]["blind"].append(blind)
+            rows["all"]["blind"].append(blind)
     mean = lambda xs: float(np.mean(xs)) if xs else math.nan
     return {f: {"pairs": len(v["right"]), "accuracy": mean(v["right"]), "gold_order_accuracy": mean(v["gold"]),
-                "bayes_accuracy": mean(v["bayes"])} for f, v in sorted(rows.items(), key=lambda kv: kv[0] == "all")}
+                "bayes_accuracy": mean(v["bayes"]), "content_blind_accuracy": mean(v["blind"])} for f, v in sorted(rows.items(), key=lambda kv: kv[0] == "all")}
+
+
+def _content_blind_right(record: dict) -> float | None:
+    """1 / 0.5 / 0: a content-blind judge prefers chosen / ties / prefers rejected; None off TinyWorld."""
+    if not all(k in record for k in ("prompt", "chosen", "rejected")):
+        return None
+    from jaxlm.data.tinyworld import preferences
+    try:
+        return preferences.content_blind_accuracy([record])
+    except ValueError:  # Not a TinyWorld prompt: the judge cannot parse it.
+        return None
 
 
 def score_responses(rm, params, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int) -> np.ndarray:
@@ -78,10 +99,10 @@ def main(argv):
     chosen = score_responses(rm, params, tokenizer, [(r["prompt"], r["chosen"]) for r in records], _BATCH_SIZE.value)
     rejected = score_responses(rm, params, tokenizer, [(r["prompt"], r["rejected"]) for r in records],
                                _BATCH_SIZE.value)
-    print(f"{'family':<12} {'pairs':>5} {'accuracy':>8} {'gold order':>10} {'Bayes':>6}")
+    print(f"{'family':<12} {'pairs':>5} {'accuracy':>8} {'gold order':>10} {'Bayes':>6} {'content-blind':>13}")
     for family, row in family_accuracy(records, chosen, rejected).items():
         print(f"{family:<12} {row['pairs']:>5} {row['accuracy']:>8.3f} {row['gold_order_accuracy']:>10.3f} "
-              f"{row['bayes_accuracy']:>6.3f}")
+              f"{row['bayes_accuracy']:>6.3f} {row['content_blind_accuracy']:>13.3f}")
 
 
 if __name__ == "__main__":

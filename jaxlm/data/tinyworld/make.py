@@ -51,6 +51,7 @@ def _pref_stats(records: list[dict], temperature: float) -> dict:
         return {"pairs": 0}
     gaps = [r["chosen_score"] - r["rejected_score"] for r in records]
     return {"pairs": len(records), "bayes_accuracy": preferences.bayes_accuracy(records, temperature),
+            "content_blind_accuracy": preferences.content_blind_accuracy(records),
             "gold_agreement": preferences.gold_agreement(records),
             "mean_abs_gap": sum(map(abs, gaps)) / len(gaps),
             "families": dict(collections.Counter(r["family"] for r in records))}

@@ -109,6 +109,21 @@ def bayes_accuracy(records: Iterable[Mapping], temperature: float) -> float:
     return sum(sigmoid(g / temperature) for g in gaps) / len(gaps)
 
 
+def content_blind_accuracy(records: Iterable[Mapping]) -> float:
+    """Agreement with the sampled labels of a judge blind to content (`judge.content_blind_score`).
+
+    Ties (the pair differs only in content) count one half, a coin flip. Beside the Bayes
+    accuracy it splits a reward model's shortfall: below this it misreads style, harm or
+    refusals; between this and the Bayes accuracy lies what only checking the answer can earn.
+    """
+    right = []
+    for r in records:
+        c = judge.content_blind_score(r["prompt"], r["chosen"])
+        j = judge.content_blind_score(r["prompt"], r["rejected"])
+        right.append(0.5 if abs(c - j) < _MIN_GAP else float(c > j))
+    return sum(right) / len(right)
+
+
 def gold_agreement(records: Iterable[Mapping]) -> float:
     """Share of pairs whose sampled label agrees with the gold order."""
     flags = [r["chosen_score"] > r["rejected_score"] for r in records]
