@@ -11,8 +11,9 @@ model, answer length and refusal rates, each model's difference to SFT with its 
 and a Checks section. That run: gold (greedy) 0.034 (base) → 0.518 (SFT); PPO 0.519, DPO 0.536,
 CAI 0.528; gold (sampled) SFT 0.405 → PPO 0.431 (+2.0 s.e.), DPO 0.444 (+3.9 s.e.), CAI 0.453;
 PPO at 0.63 nats from SFT; CAI brings rude or harmful answers to held-out red-team prompts from
-33% to 2%. The reward model (held-out accuracy 0.56 against a Bayes accuracy of 0.79, near
-chance on context and arithmetic pairs: tools.reward_breakdown) caps PPO's gains.
+33% to 2%. The reward model (held-out accuracy 0.56 against a Bayes accuracy of 0.79 and 0.58
+for a judge blind to content: it ranks style and refusals but cannot check answers;
+tools.reward_breakdown) caps PPO's gains.
 
 Each stage is its own resumable run in DIR/<stage>/, started as a subprocess with its own config
 file plus the flags below; rerunning the command skips finished stages and resumes the one that
