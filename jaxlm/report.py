@@ -357,13 +357,18 @@ def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str,
         parts += [f"Reward model held-out accuracy: {accs[-1]['eval_accuracy']:.3f}"
                   + (f" (Bayes accuracy of the labels: {_reward_ceilings(pipeline_dir, rm)})" if bayes else ""), ""]
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
-    if ppo and "kl_k1" in ppo[-1]:
-        last = ppo[-1]
+    train_rows = [r for r in ppo if "kl_k1" in r]
+    if train_rows:
+        # One batch's KL estimate is noisy (32 prompts: it can even come out negative), so the report
+        # gives the held-out evaluation's figure and the mean over the last training batches.
+        tail, evals = train_rows[-5:], [r for r in ppo if "eval_kl_k1" in r]
         kl = _read_json(os.path.join(pipeline_dir, "ppo", "config.json")).get("kl", {})
         target = f"adaptive β, target {kl['target']}" if kl.get("adaptive") else f"fixed β {kl.get('init_coef', '–')}"
-        parts += [f"PPO final iteration: KL to SFT {last['kl_k1']:.3f} nats ({target}), "
-                  f"β {_fmt(last.get('beta'), 4)}, proxy reward "
-                  f"{_fmt(last.get('score'))}.", ""]
+        held_out = (f"{evals[-1]['eval_kl_k1']:.3f} nats on the held-out prompts at iteration {evals[-1]['step']}; "
+                    if evals else "")
+        parts += [f"PPO's KL to SFT: {held_out}{np.mean([r['kl_k1'] for r in tail]):.3f} nats averaged over the "
+                  f"last {len(tail)} training batches ({target}; final β {_fmt(tail[-1].get('beta'), 4)}); proxy "
+                  f"reward over those batches {_fmt(np.mean([r.get('score', np.nan) for r in tail]))}.", ""]
     for title, path in plots:
         parts += [f"## {title}", "", f"![{title}]({path})", ""]
     parts += ["## Answers side by side", "", examples(results, n_examples), ""]

@@ -59,7 +59,7 @@ def test_every_stage_finishes_and_the_report_has_a_row_per_model(run):
                   "reward model within 5 points of the Bayes accuracy", "CAI: fewer rude or harmful"):
         assert claim in checks, claim
     assert "a judge blind to content:" in checks  # Beside the Bayes accuracy: what checking answers adds.
-    assert "Reward model held-out accuracy" in report and "PPO final iteration: KL to SFT" in report
+    assert "Reward model held-out accuracy" in report and "PPO's KL to SFT: " in report
     for plot in ("losses.png", "ppo_reward_vs_kl.png", "dpo_margins.png"):
         assert (workdir / "plots" / plot).stat().st_size > 1000, plot
         assert f"plots/{plot}" in report
