@@ -320,7 +320,7 @@ def main(argv):
                          "reward_mean_after_normalization": norm["after"]["mean"],
                          "reward_std_after_normalization": norm["after"]["std"]})
     writer.close()
-    report = {"step": steps, **{k.removeprefix("eval_"): v for k, v in last_eval.items()}, "bayes_accuracy": bayes,
+    report = {"step": steps, **{k.removeprefix("eval_"): v for k, v in last_eval.items()}, "bayes_accuracy": None,
               **ceilings, "reward_normalization": norm}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:

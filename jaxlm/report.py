@@ -266,11 +266,10 @@ def checks(pipeline_dir: str, results: dict[str, dict]) -> list[tuple[str, bool 
             out.append((f"{name} > SFT (gold, {label})", ok, text))
     rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
     accs = [r for r in rm if "eval_accuracy" in r]
-    bayes = _label_ceiling(pipeline_dir, rm)
+    bayes, ceilings = _reward_ceilings(pipeline_dir, rm)
     if accs and bayes:
         acc = accs[-1]["eval_accuracy"]
-        out.append(("reward model within 5 points of the Bayes accuracy", bayes - acc <= 0.05,
-                    f"{acc:.3f} vs {_reward_ceilings(pipeline_dir, rm)}"))
+        out.append(("reward model within 5 points of the Bayes accuracy", bayes - acc <= 0.05, f"{acc:.3f} vs {ceilings}"))
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
     kl_cfg = _read_json(os.path.join(pipeline_dir, "ppo", "config.json")).get("kl", {})
     if ppo and kl_cfg.get("adaptive") and "PPO" in results:
@@ -295,11 +294,14 @@ def _label_ceiling(pipeline_dir: str, rm_metrics: list[dict], key: str = "bayes_
     return value
 
 
-def _reward_ceilings(pipeline_dir: str, rm_metrics: list[dict]) -> str:
-    """'0.787' or '0.787; a judge blind to content: 0.582', the held-out labels' ceilings."""
+def _reward_ceilings(pipeline_dir: str, rm_metrics: list[dict]) -> tuple[float | None, str]:
+    """(Bayes accuracy, '0.787' or '0.787; a judge blind to content: 0.582'): the held-out labels'
+    ceilings; (None, '') when the labels' Bayes accuracy is unknown."""
     bayes = _label_ceiling(pipeline_dir, rm_metrics)
+    if bayes is None:
+        return None, ""
     blind = _label_ceiling(pipeline_dir, rm_metrics, "content_blind_accuracy")
-    return f"{bayes:.3f}" + (f"; a judge blind to content: {blind:.3f}" if blind is not None else "")
+    return bayes, f"{bayes:.3f}" + (f"; a judge blind to content: {blind:.3f}" if blind is not None else "")
 
 
 def examples(results: dict[str, dict], n: int) -> str:
@@ -353,9 +355,9 @@ def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str,
     rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
     accs = [r for r in rm if "eval_accuracy" in r]
     if accs:
-        bayes = _label_ceiling(pipeline_dir, rm)
+        bayes, ceilings = _reward_ceilings(pipeline_dir, rm)
         parts += [f"Reward model held-out accuracy: {accs[-1]['eval_accuracy']:.3f}"
-                  + (f" (Bayes accuracy of the labels: {_reward_ceilings(pipeline_dir, rm)})" if bayes else ""), ""]
+                  + (f" (Bayes accuracy of the labels: {ceilings})" if bayes else ""), ""]
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
     train_rows = [r for r in ppo if "kl_k1" in r]
     if train_rows:

@@ -40,6 +40,7 @@ def family_accuracy(records: Sequence[dict], chosen: Sequence[float], rejected: 
     """
     rows = collections.defaultdict(lambda: {"right": [], "gold": [], "bayes": [], "blind": []})
     for r, a, b in zip(records, chosen, rejected, strict=True):
+        blind = _content_blind_agreement(r)
         for family in (r.get("family", "?"), "all"):
             row = rows[family]
             row["right"].append(a > b)
@@ -47,22 +48,20 @@ def family_accuracy(records: Sequence[dict], chosen: Sequence[float], rejected: 
                 row["gold"].append((a > b) == (r["chosen_score"] > r["rejected_score"]))
             if "label" in r:
                 row["bayes"].append(max(r["label"], 1.0 - r["label"]))
-        blind = _content_blind_right(r)
-        if blind is not None:
-            rows[r.get("family", "?")]["blind"].append(blind)
-            rows["all"]["blind"].append(blind)
+            if blind is not None:
+                row["blind"].append(blind)
     mean = lambda xs: float(np.mean(xs)) if xs else math.nan
     return {f: {"pairs": len(v["right"]), "accuracy": mean(v["right"]), "gold_order_accuracy": mean(v["gold"]),
                 "bayes_accuracy": mean(v["bayes"]), "content_blind_accuracy": mean(v["blind"])} for f, v in sorted(rows.items(), key=lambda kv: kv[0] == "all")}
 
 
-def _content_blind_right(record: dict) -> float | None:
-    """1 / 0.5 / 0: a content-blind judge prefers chosen / ties / prefers rejected; None off TinyWorld."""
+def _content_blind_agreement(record: dict) -> float | None:
+    """`tinyworld.preferences.content_blind_agreement`, or None off TinyWorld."""
     if not all(k in record for k in ("prompt", "chosen", "rejected")):
         return None
     from jaxlm.data.tinyworld import preferences
     try:
-        return preferences.content_blind_accuracy([record])
+        return preferences.content_blind_agreement(record)
     except ValueError:  # Not a TinyWorld prompt: the judge cannot parse it.
         return None
 

@@ -109,18 +109,21 @@ def bayes_accuracy(records: Iterable[Mapping], temperature: float) -> float:
     return sum(sigmoid(g / temperature) for g in gaps) / len(gaps)
 
 
-def content_blind_accuracy(records: Iterable[Mapping]) -> float:
-    """Agreement with the sampled labels of a judge blind to content (`judge.content_blind_score`).
+def content_blind_agreement(record: Mapping) -> float:
+    """1, 0.5 or 0: a judge blind to content (`judge.content_blind_score`) prefers the labelled
+    `chosen`, ties (the pair differs only in content: a coin flip), or prefers `rejected`."""
+    c = judge.content_blind_score(record["prompt"], record["chosen"])
+    r = judge.content_blind_score(record["prompt"], record["rejected"])
+    return 0.5 if abs(c - r) < _MIN_GAP else float(c > r)
 
-    Ties (the pair differs only in content) count one half, a coin flip. Beside the Bayes
-    accuracy it splits a reward model's shortfall: below this it misreads style, harm or
-    refusals; between this and the Bayes accuracy lies what only checking the answer can earn.
+
+def content_blind_accuracy(records: Iterable[Mapping]) -> float:
+    """Mean `content_blind_agreement` with the sampled labels.
+
+    Beside the Bayes accuracy it splits a reward model's shortfall: below this it misreads style,
+    harm or refusals; between this and the Bayes accuracy lies what only checking the answer can earn.
     """
-    right = []
-    for r in records:
-        c = judge.content_blind_score(r["prompt"], r["chosen"])
-        j = judge.content_blind_score(r["prompt"], r["rejected"])
-        right.append(0.5 if abs(c - j) < _MIN_GAP else float(c > j))
+    right = [content_blind_agreement(r) for r in records]
     return sum(right) / len(right)
 
 
