@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import time
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, metrics as metrics_lib, optim, runtime, sharding
+from experiments import common
+from jaxlm import checkpoint, loop, optim, runtime, sharding
 from jaxlm.data import packing, pipeline
 from jaxlm.data.sources import DocumentSource
-from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
-from jaxlm.model import Model, ModelConfig
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.model import Model
 from jaxlm.steps import lm
-from jaxlm.train_state import abstract_with_shardings, create_train_state
+from jaxlm.train_state import abstract_train_state, create_train_state, state_shardings
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/pretrain_tiny.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
@@ -51,60 +50,15 @@ def prepare_data(cfg, workdir: str) -> tuple[str, str]:
     return train, valid
 
 
-def prepare_tokenizer(cfg, workdir: str, train_files: str) -> Tokenizer:
-    """Load the configured tokenizer, or train one on the training text; a copy lives in WORKDIR."""
-    local = os.path.join(workdir, "tokenizer.model")
-    if jax.process_index() == 0 and not os.path.exists(local):
-        if cfg.data.tokenizer:
-            Tokenizer.load(cfg.data.tokenizer)  # Fails early, naming the path, if it is not a tokenizer.
-            shutil.copyfile(cfg.data.tokenizer, local)
-        else:
-            print(f"Training a {cfg.data.tokenizer_vocab_size}-piece tokenizer on {train_files} ...", flush=True)
-            train_tokenizer(train_files.split(","), local[: -len(".model")], cfg.data.tokenizer_vocab_size,
-                            text_field=cfg.data.text_field)
-    runtime.barrier("tokenizer")
-    return Tokenizer.load(local)
-
-
-def model_config(cfg, tokenizer: Tokenizer) -> ModelConfig:
-    fields = cfg.model.to_dict()
-    if fields["vocab_size"] == 0:
-        fields["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
-    if fields["vocab_size"] < tokenizer.vocab_size:
-        raise ValueError(f"--config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} pieces")
-    return ModelConfig(**fields)
-
-
 def lm_iterator(cfg, files: str, tokenizer: Tokenizer, *, train: bool):
-    n = jax.process_count()
-    if cfg.data.batch_size % n:
-        raise ValueError(f"--config.data.batch_size={cfg.data.batch_size} must be divisible by the {n} processes")
     source = DocumentSource(files.split(","), text_field=cfg.data.text_field, skip_bad_records=cfg.data.skip_bad_records,
                             txt_mode=cfg.data.txt_mode)
     if source.num_skipped:
         print(f"Skipped {source.num_skipped} bad records in {files}: {source.skipped}", flush=True)
     return pipeline.make_lm_iterator(
-        source, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n, seed=cfg.data.seed,
-        shuffle=train, num_epochs=None if train else 1, process_index=jax.process_index(), process_count=n)
-
-
-def evaluate(eval_step, params, cfg, files: str, tokenizer: Tokenizer, mesh) -> dict:
-    loss_sum, count = 0.0, 0.0
-    batches = lm_iterator(cfg, files, tokenizer, train=False)
-    for _ in range(cfg.train.eval_batches):
-        batch = next(batches, None)
-        # Processes' shards may end after different numbers of batches, and eval_step is a
-        # collective: continue until every process is done, feeding padding (no targets) meanwhile.
-        if not runtime.any_process(batch is not None):
-            break
-        if batch is None:
-            shape = (cfg.data.batch_size // jax.process_count(), cfg.data.seq_len)
-            batch = {k: np.zeros(shape, np.int32) for k in packing.FEATURES}
-        s, c = eval_step(params, sharding.global_batch(batch, mesh))
-        loss_sum, count = loss_sum + float(s), count + float(c)
-    loss = loss_sum / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
+        source, tokenizer, seq_len=cfg.data.seq_len, batch_size=common.local_batch_size(cfg), seed=cfg.data.seed,
+        shuffle=train, num_epochs=None if train else 1, process_index=jax.process_index(),
+        process_count=jax.process_count())
 
 
 def write_samples(model, params, tokenizer, workdir: str, step: int, n: int) -> str:
@@ -125,8 +79,8 @@ def main(argv):
     cfg = _CONFIG.value
     workdir = runtime.start(cfg, _WORKDIR.value, "pretrain")
     train_files, valid_files = prepare_data(cfg, workdir)
-    tokenizer = prepare_tokenizer(cfg, workdir, train_files)
-    model_cfg = model_config(cfg, tokenizer)
+    tokenizer = common.fresh_tokenizer(cfg, workdir, train_files)
+    model_cfg = common.fresh_model_config(cfg, tokenizer)
     model = Model(model_cfg)
     mesh = runtime.mesh_from_config(cfg)
     steps = cfg.train.steps
@@ -134,77 +88,39 @@ def main(argv):
     print(f"Model: {model_cfg.num_params() / 1e6:.2f}M parameters; mesh {sharding.describe(mesh)}; "
           f"{steps} steps of {cfg.data.batch_size}×{cfg.data.seq_len} tokens", flush=True)
 
-    state, state_sh = create_train_state(model, optimizer, mesh, cfg.train.seed)
-    train_iter = lm_iterator(cfg, train_files, tokenizer, train=True)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
-    meta = {"stage": "pretrain", "model": dataclasses.asdict(model_cfg), "tokenizer": os.path.join(workdir, "tokenizer.model"),
-            "config": cfg.to_dict()}
-    restored = ckpt.restore_latest(abstract_with_shardings(state, state_sh), data_iterator=train_iter)
-    if restored is not None:
-        start_step, state, _ = restored
-        print(f"Resuming from step {start_step} ({ckpt.directory})", flush=True)
-        if not ckpt.data_state_restored:  # Written by another number of processes (see checkpoint.py):
-            print(f"Data: replaying {start_step} batches to this process layout's position", flush=True)
-            for _ in range(start_step):
-                next(train_iter)
-    start_step = int(state.step)
-
+    state_sh = state_shardings(model, optimizer, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     with sharding.use_rules(mesh):
         train_step = jax.jit(lm.make_train_step(model, optimizer, schedule, grad_accum=cfg.train.grad_accum),
                              in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
         eval_step = jax.jit(lm.make_eval_step(model), in_shardings=(state_sh.params, batch_sh))
+    place = lambda batch: sharding.global_batch(batch, mesh)
+    empty_shape = (common.local_batch_size(cfg), cfg.data.seq_len)
 
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
-    progress = metrics_lib.Progress(total=steps, initial=start_step, desc="pretrain")
-    stop = runtime.StopSignal(sync_every=cfg.train.log_every)
-    throughput = metrics_lib.Throughput()
-    last_saved = ckpt.latest_step()
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    compile_start = time.perf_counter()
-    stopping = False
-    try:
-        with sharding.use_rules(mesh):
-            for step in range(start_step + 1, steps + 1):
-                batch = sharding.global_batch(next(train_iter), mesh)
-                state, step_metrics = train_step(state, batch)
-                throughput.add(tokens_per_step)
-                progress.update(1)
-                if step == start_step + 1:
-                    jax.block_until_ready(state.step)
-                    print(f"\nFirst step (compile + run) took {time.perf_counter() - compile_start:.1f}s", flush=True)
-                    throughput.rate()
-                stopping = stop.check(step)
-                save_now = runtime.every(step, cfg.train.checkpoint_every) or step == steps or stopping
-                if runtime.every(step, cfg.train.log_every) or save_now:
-                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    runtime.check_finite(step, values, last_saved, ckpt.directory)
-                    values["tokens_per_second"] = throughput.rate()
-                    if valid_files and (runtime.every(step, cfg.train.eval_every) or step == steps):
-                        values.update(evaluate(eval_step, state.params, cfg, valid_files, tokenizer, mesh))
-                    writer.write(step, values)
-                    progress.update(0, loss=values["loss"], **({"eval": values["eval_loss"]} if "eval_loss" in values else {}))
-                if save_now:
-                    ckpt.save(step, state, data_iterator=train_iter, meta=meta)
-                    last_saved = step
-                if stopping:
-                    break
-                runtime.crash_if_asked(step, cfg.train.crash_after_step, ckpt)  # Resume tests.
-    except runtime.NonFiniteLoss as e:
-        runtime.exit_on_non_finite(e, ckpt, progress)
-    finally:
-        stop.restore()
-    ckpt.close()
-    progress.close()
-    writer.close()
-    if stopping:
-        print(f"Stopped at step {last_saved}; rerun the same command to resume.", flush=True)
+    def evaluate(state, step):
+        batches = lm_iterator(cfg, valid_files, tokenizer, train=False)
+        return common.lm_eval_metrics(loop.sum_batches(
+            lambda batch: eval_step(state.params, batch), batches, place=place, max_batches=cfg.train.eval_batches,
+            empty=lambda: {k: np.zeros(empty_shape, np.int32) for k in packing.FEATURES}))
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
+    meta = {"stage": "pretrain", "model": dataclasses.asdict(model_cfg),
+            "tokenizer": os.path.join(workdir, "tokenizer.model"), "config": cfg.to_dict()}
+    outcome = loop.train(
+        workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="pretrain", step_fn=train_step,
+        batches=lm_iterator(cfg, train_files, tokenizer, train=True), place=place, mesh=mesh,
+        init_state=lambda: create_train_state(model, optimizer, mesh, cfg.train.seed)[0],
+        abstract_state=abstract_train_state(model, optimizer, state_sh), meta=meta,
+        evaluate=evaluate if valid_files else None, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+        progress_keys={"loss": "loss", "eval": "eval_loss"})
+    if outcome.stopped:
         return
     if cfg.train.samples:
-        params = runtime.host_copy(state.params)  # Whole arrays, also when sharded across processes.
+        params = runtime.host_copy(outcome.state.params)  # Whole arrays, also when sharded across processes.
         if jax.process_index() == 0:
             print(write_samples(model, params, tokenizer, workdir, steps, cfg.train.samples))
-    print(f"Done: {steps} steps. Metrics in {writer.path}; checkpoints in {ckpt.directory}", flush=True)
+    print(f"Done: {steps} steps. Metrics in {os.path.join(workdir, 'metrics.jsonl')}; checkpoints in "
+          f"{ckpt.directory}", flush=True)
 
 
 if __name__ == "__main__":

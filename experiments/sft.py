@@ -19,25 +19,20 @@ DIR/samples.txt. Running the same command again resumes from the newest checkpoi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, init_source, metrics as metrics_lib, optim, runtime, sharding
-from jaxlm.data import chat, sft
+from experiments import common
+from jaxlm import checkpoint, init_source, loop, optim, runtime, sharding
+from jaxlm.data import chat, packing, sft
 from jaxlm.data.sources import DocumentSource
-from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
-from jaxlm.hf_tokenizer import load_tokenizer
-from jaxlm.model import Model, ModelConfig
+from jaxlm.model import Model
 from jaxlm.steps import lm
-from jaxlm.train_state import TrainState, abstract_with_shardings, state_shardings
+from jaxlm.train_state import abstract_train_state, state_shardings
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/sft_tiny.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
@@ -48,28 +43,9 @@ def prepare_data(cfg, workdir: str) -> dict:
     if cfg.data.train_files:
         return {"train": cfg.data.train_files, "valid": cfg.data.valid_files, "prompts": cfg.data.prompts_file,
                 "tinyworld": False}
-    data_dir = cfg.data.dir or os.path.join(workdir, "data")
-    files = {"train": os.path.join(data_dir, "sft_train.jsonl"), "valid": os.path.join(data_dir, "sft_valid.jsonl"),
-             "prompts": os.path.join(data_dir, "eval_prompts.jsonl"), "tinyworld": True}
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(data_dir, "summary.json")):
-        from jaxlm.data import tinyworld
-        print(f"Generating TinyWorld data into {data_dir} ...", flush=True)
-        sizes = cfg.data.tinyworld.to_dict()
-        tinyworld.make_all(data_dir, seed=sizes.pop("seed"), log=lambda _: None, **sizes)
-    runtime.barrier("builtin-data")
-    return files
-
-
-def _prompt_record(obj: dict) -> dict:
-    if not isinstance(obj.get("prompt"), (str, list)):
-        raise KeyError("missing field 'prompt' (a string or a list of messages)")
-    return obj
-
-
-def read_prompts(path: str, limit: int = 0) -> list[dict]:
-    """JSONL records with a `prompt` (TinyWorld's eval prompts also carry `family`), in file order."""
-    records = DocumentSource(path.split(","), parse=_prompt_record)
-    return [records[i] for i in range(len(records) if limit <= 0 else min(limit, len(records)))]
+    data_dir = common.tinyworld_dir(cfg, workdir)
+    return {"train": os.path.join(data_dir, "sft_train.jsonl"), "valid": os.path.join(data_dir, "sft_valid.jsonl"),
+            "prompts": os.path.join(data_dir, "eval_prompts.jsonl"), "tinyworld": True}
 
 
 class _ConversationPrompt:
@@ -89,34 +65,9 @@ def sample_prompts(cfg, files: dict) -> list:
     if not cfg.train.samples:
         return []
     if files["prompts"]:
-        return [r["prompt"] for r in read_prompts(files["prompts"], cfg.train.samples)]
+        return [r["prompt"] for r in common.read_prompts(files["prompts"], limit=cfg.train.samples)]
     records = DocumentSource((files["valid"] or files["train"]).split(","), parse=_ConversationPrompt(cfg))
     return [records[i]["prompt"] for i in range(min(cfg.train.samples, len(records)))]
-
-
-def prepare_model(cfg, workdir: str, ckpt: checkpoint.Checkpointer, train_files: str) -> tuple[ModelConfig, Tokenizer]:
-    """Model config and tokenizer: from this run's checkpoint (resume), from init_from (a jaxlm
-    run or hf:PATH; its tokenizer is copied into the workdir), or fresh."""
-    local = os.path.join(workdir, "tokenizer.model")
-    if ckpt.latest_step() is not None:
-        return ModelConfig(**ckpt.restore_meta()["model"]), load_tokenizer(init_source.workdir_tokenizer(workdir))
-    if cfg.init_from:
-        meta = init_source.load_meta(cfg.init_from, "init_from")
-        return ModelConfig(**meta["model"]), init_source.copy_tokenizer(meta, workdir)
-    if jax.process_index() == 0 and not os.path.exists(local):
-        if cfg.data.tokenizer:
-            shutil.copyfile(Tokenizer.load(cfg.data.tokenizer).path, local)
-        else:  # Train on the conversations' text.
-            print(f"Training a {cfg.data.tokenizer_vocab_size}-piece tokenizer on {train_files} ...", flush=True)
-            texts = DocumentSource(train_files.split(","), parse=_conversation_text)
-            train_tokenizer(iter(texts[i] for i in range(len(texts))), local[: -len(".model")],
-                            cfg.data.tokenizer_vocab_size)
-    runtime.barrier("tokenizer")
-    tokenizer = Tokenizer.load(local)
-    fields = cfg.model.to_dict()
-    if fields["vocab_size"] == 0:
-        fields["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
-    return ModelConfig(**fields), tokenizer
 
 
 def _conversation_text(obj: dict) -> str:
@@ -124,31 +75,14 @@ def _conversation_text(obj: dict) -> str:
     return "\n".join(p for p in parts if isinstance(p, str))
 
 
-def initial_state(cfg, model: Model, optimizer, mesh, state_sh: TrainState) -> TrainState:
-    """Step 0: init_from's weights (loaded straight onto their shardings) or a fresh init."""
-    if cfg.init_from:
-        params, meta = init_source.load_params(cfg.init_from, shardings=state_sh.params)
-        print(f"Initialised from {cfg.init_from} ({meta.get('stage', '?')} run)", flush=True)
-    else:
-        with sharding.use_rules(mesh):
-            params = jax.jit(model.init, out_shardings=state_sh.params)(jax.random.PRNGKey(cfg.train.seed))
-    opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
-    rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1), state_sh.rng)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_sh.step), params=params,
-                      opt_state=opt_state, rng=rng)
-
-
-def sft_iterator(cfg, examples: sft.ChatExamples, tokenizer: Tokenizer, *, train: bool):
-    n = jax.process_count()
-    if cfg.data.batch_size % n:
-        raise ValueError(f"--config.data.batch_size={cfg.data.batch_size} must be divisible by the {n} processes")
+def sft_iterator(cfg, examples: sft.ChatExamples, tokenizer, *, train: bool):
     return sft.make_sft_iterator(
-        examples, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // n, seed=cfg.data.seed, shuffle=train,
-        num_epochs=None if train else 1, packed=cfg.data.packed, pad_id=max(tokenizer.pad_id, 0),
-        process_index=jax.process_index(), process_count=n)
+        examples, seq_len=cfg.data.seq_len, batch_size=common.local_batch_size(cfg), seed=cfg.data.seed,
+        shuffle=train, num_epochs=None if train else 1, packed=cfg.data.packed, pad_id=max(tokenizer.pad_id, 0),
+        process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def load_examples(cfg, files: str, tokenizer: Tokenizer) -> sft.ChatExamples:
+def load_examples(cfg, files: str, tokenizer) -> sft.ChatExamples:
     examples = sft.ChatExamples(files.split(","), tokenizer, seq_len=cfg.data.seq_len, too_long=cfg.data.too_long,
                                 skip_bad_records=cfg.data.skip_bad_records, prompt_field=cfg.data.prompt_field,
                                 response_field=cfg.data.response_field, messages_field=cfg.data.messages_field)
@@ -157,30 +91,18 @@ def load_examples(cfg, files: str, tokenizer: Tokenizer) -> sft.ChatExamples:
     return examples
 
 
-def evaluate(eval_step, params, cfg, examples, tokenizer, mesh) -> dict:
-    loss_sum, count = 0.0, 0.0
-    for i, batch in enumerate(sft_iterator(cfg, examples, tokenizer, train=False)):
-        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-            break
-        s, c = eval_step(params, sharding.global_batch(batch, mesh))
-        loss_sum, count = loss_sum + float(s), count + float(c)
-    loss = loss_sum / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
-
-
 def answer(cfg, model, params, tokenizer, prompts: list, mesh) -> list[str]:
     """Greedy answers in the chat format (what the judge scores and samples.txt shows)."""
     return chat.generate_responses(model, params, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                    greedy=True, batch_size=cfg.eval.batch_size, bucket=64, mesh=mesh).texts
 
 
-def write_samples(cfg, model, params, tokenizer, prompts: list, workdir: str, step: int, writer, mesh) -> str:
+def write_samples(cfg, model, params, tokenizer, prompts: list, workdir: str, step: int, mesh) -> str:
     answers = answer(cfg, model, params, tokenizer, prompts, mesh)
     report = f"# step {step}\n" + "".join(f"- prompt: {p!r}\n  answer: {a!r}\n" for p, a in zip(prompts, answers))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "samples.txt"), "a") as f:
             f.write(report)
-    writer.write_text(step, "samples", report.replace("\n", "  \n"))
     return report
 
 
@@ -197,13 +119,18 @@ def judge(cfg, model, params, tokenizer, records: list[dict], mesh) -> dict:
                          for r, a, s in list(zip(records, answers, scores))[:8]]}
 
 
+def _judge_metrics(result: dict) -> dict:
+    return {"judge_score": result["judge_score"], **{f"judge/{k}": v for k, v in result["families"].items()}}
+
+
 def main(argv):
     del argv
     cfg = _CONFIG.value
     workdir = runtime.start(cfg, _WORKDIR.value, "sft")
     files = prepare_data(cfg, workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
-    model_cfg, tokenizer = prepare_model(cfg, workdir, ckpt, files["train"])
+    model_cfg, tokenizer, _ = common.model_and_tokenizer(cfg, workdir, ckpt,
+                                                         common.texts_of(files["train"], _conversation_text))
     model = Model(model_cfg)
     mesh = runtime.mesh_from_config(cfg)
     steps = cfg.train.steps
@@ -215,118 +142,69 @@ def main(argv):
           f"{cfg.data.batch_size}×{cfg.data.seq_len} tokens; {len(train_examples)} training conversations", flush=True)
 
     state_sh = state_shardings(model, optimizer, mesh)
-    train_iter = sft_iterator(cfg, train_examples, tokenizer, train=True)
-    meta = {"stage": "sft", "model": dataclasses.asdict(model_cfg),
-            "tokenizer": init_source.workdir_tokenizer(workdir),
-            "config": cfg.to_dict(), "init_from": cfg.init_from}
-    restored = None
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore_latest(_abstract_state(model, optimizer, state_sh), data_iterator=train_iter)
-    if restored is not None:
-        start_step, state, _ = restored
-        print(f"Resuming from step {start_step} ({ckpt.directory})", flush=True)
-    else:
-        state = initial_state(cfg, model, optimizer, mesh, state_sh)
-    start_step = int(state.step)
-
     batch_sh = sharding.batch_sharding(mesh)
     with sharding.use_rules(mesh):
         train_step = jax.jit(lm.make_train_step(model, optimizer, schedule, grad_accum=cfg.train.grad_accum),
                              in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
         eval_step = jax.jit(lm.make_eval_step(model), in_shardings=(state_sh.params, batch_sh))
-
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
+    place = lambda batch: sharding.global_batch(batch, mesh)
+    empty_shape = (common.local_batch_size(cfg), cfg.data.seq_len)
     judge_records = []
     if files["tinyworld"] and cfg.eval.judge:
-        judge_records = read_prompts(files["prompts"], cfg.eval.max_prompts)
-    init_path = os.path.join(workdir, "eval_init.json")
-    if judge_records and cfg.eval.judge_init and start_step == 0:
+        judge_records = common.read_prompts(files["prompts"], limit=cfg.eval.max_prompts)
+    samples = sample_prompts(cfg, files)
+    init_path, eval_path = os.path.join(workdir, "eval_init.json"), os.path.join(workdir, "eval.json")
+
+    def evaluate(state, step):
+        values = {}
+        if valid_examples is not None:
+            values = common.lm_eval_metrics(loop.sum_batches(
+                lambda batch: eval_step(state.params, batch), sft_iterator(cfg, valid_examples, tokenizer, train=False),
+                place=place, max_batches=cfg.train.eval_batches,
+                empty=lambda: {k: np.zeros(empty_shape, np.int32) for k in packing.FEATURES}))
+        if samples:
+            report = write_samples(cfg, model, state.params, tokenizer, samples, workdir, step, mesh)
+            values["samples"] = report.replace("\n", "  \n")  # TensorBoard's text tab (markdown)
+        return values
+
+    def initial_eval(state):
+        if not (judge_records and cfg.eval.judge_init):
+            return {}
         init = judge(cfg, model, state.params, tokenizer, judge_records, mesh)
         print(f"Initial model: gold-judge score {init['judge_score']:.3f} on {len(judge_records)} held-out prompts",
               flush=True)
-        if jax.process_index() == 0:
-            with open(init_path, "w") as f:
-                json.dump(init, f, indent=2)
-        writer.write(0, {"judge_score": init["judge_score"],
-                         **{f"judge/{k}": v for k, v in init["families"].items()}})
-    samples = sample_prompts(cfg, files)
+        common.write_json(init_path, init)
+        return _judge_metrics(init)
 
-    progress = metrics_lib.Progress(total=steps, initial=start_step, desc="sft")
-    stop = runtime.StopSignal()
-    throughput = metrics_lib.Throughput()
-    last_saved = ckpt.latest_step()
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    compile_start = time.perf_counter()
-    try:
-        with sharding.use_rules(mesh):
-            for step in range(start_step + 1, steps + 1):
-                batch = sharding.global_batch(next(train_iter), mesh)
-                state, step_metrics = train_step(state, batch)
-                throughput.add(tokens_per_step)
-                progress.update(1)
-                if step == start_step + 1:
-                    jax.block_until_ready(state.step)
-                    print(f"\nFirst step (compile + run) took {time.perf_counter() - compile_start:.1f}s", flush=True)
-                    throughput.rate()
-                save_now = runtime.every(step, cfg.train.checkpoint_every) or step == steps or stop.requested
-                if runtime.every(step, cfg.train.log_every) or save_now:
-                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    runtime.check_finite(step, values, last_saved, ckpt.directory)
-                    values["tokens_per_second"] = throughput.rate()
-                    if runtime.every(step, cfg.train.eval_every) or step == steps:
-                        if valid_examples is not None:
-                            values.update(evaluate(eval_step, state.params, cfg, valid_examples, tokenizer, mesh))
-                        if samples:
-                            write_samples(cfg, model, state.params, tokenizer, samples, workdir, step, writer, mesh)
-                    writer.write(step, values)
-                    progress.update(0, loss=values["loss"],
-                                    **({"eval": values["eval_loss"]} if "eval_loss" in values else {}))
-                if save_now:
-                    ckpt.save(step, state, data_iterator=train_iter, meta=meta)
-                    last_saved = step
-                if stop.requested:
-                    break
-                runtime.crash_if_asked(step, cfg.train.crash_after_step, ckpt)  # Resume tests.
-    except runtime.NonFiniteLoss as e:
-        runtime.exit_on_non_finite(e, ckpt, progress)
-    finally:
-        stop.restore()
-    ckpt.close()
-    progress.close()
-    if stop.requested:
-        writer.close()
-        print(f"Stopped at step {last_saved}; rerun the same command to resume.", flush=True)
-        return
-
-    if judge_records:
+    def on_finish(state, writer, last_eval):
+        if not judge_records:
+            return
         final = judge(cfg, model, state.params, tokenizer, judge_records, mesh)
-        writer.write(steps, {"judge_score": final["judge_score"],
-                             **{f"judge/{k}": v for k, v in final["families"].items()}})
+        writer.write(steps, _judge_metrics(final))
         report = {"step": steps, "num_prompts": len(judge_records), **final}
         if os.path.exists(init_path):
-            with open(init_path) as f:
-                init = json.load(f)
-            report["init"] = {"judge_score": init["judge_score"], "families": init["families"],
-                              "examples": init["examples"]}
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "eval.json"), "w") as f:
-                json.dump(report, f, indent=2)
+            init = common.read_json(init_path)
+            report["init"] = {k: init[k] for k in ("judge_score", "families", "examples")}
+        common.write_json(eval_path, report)
         before = f" (initial model: {report['init']['judge_score']:.3f})" if "init" in report else ""
         print(f"Gold-judge score on {len(judge_records)} held-out prompts: {final['judge_score']:.3f}{before}",
               flush=True)
         for family, value in sorted(final["families"].items()):
             print(f"  {family:12s} {value:.3f}", flush=True)
-    writer.close()
-    print(f"Done: {steps} steps. Metrics in {writer.path}; checkpoints in {ckpt.directory}", flush=True)
 
-
-def _abstract_state(model, optimizer, state_sh: TrainState) -> TrainState:
-    """The restore target: the state's shapes and dtypes, with their shardings."""
-    params = model.abstract_params()
-    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=jax.eval_shape(optimizer.init, params),
-                        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-    return abstract_with_shardings(shapes, state_sh)
+    meta = {"stage": "sft", "model": dataclasses.asdict(model_cfg), "tokenizer": init_source.workdir_tokenizer(workdir),
+            "config": cfg.to_dict(), "init_from": cfg.init_from}
+    outcome = loop.train(
+        workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="sft", step_fn=train_step,
+        batches=sft_iterator(cfg, train_examples, tokenizer, train=True), place=place, mesh=mesh,
+        init_state=lambda: common.initial_train_state(
+            cfg, common.init_from_or_fresh(cfg, model.init, mesh, state_sh.params), optimizer, state_sh),
+        abstract_state=abstract_train_state(model, optimizer, state_sh), meta=meta, evaluate=evaluate,
+        initial_eval=initial_eval, on_finish=on_finish, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+        progress_keys={"loss": "loss", "eval": "eval_loss"})
+    if not outcome.stopped:
+        print(f"Done: {steps} steps. Metrics in {os.path.join(workdir, 'metrics.jsonl')}; checkpoints in "
+              f"{ckpt.directory}", flush=True)
 
 
 if __name__ == "__main__":

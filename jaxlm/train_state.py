@@ -61,6 +61,24 @@ def create_train_state(model, optimizer: optax.GradientTransformation, mesh: Mes
     return state, shardings
 
 
+def train_state_from_params(params, optimizer: optax.GradientTransformation, shardings: TrainState,
+                            rng: jax.Array) -> TrainState:
+    """Step 0 from `params` already on `shardings.params` (e.g. a previous stage's weights):
+    the optimizer state made in place, `rng` as the run's root key."""
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                      opt_state=opt_state, rng=jax.device_put(rng, shardings.rng))
+
+
+def abstract_train_state(model, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """The restore target of a TrainState: shapes and dtypes only (nothing is initialised), with shardings."""
+    params = model.abstract_params()
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=jax.eval_shape(optimizer.init, params),
+                        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    return abstract_with_shardings(shapes, shardings)
+
+
 def abstract_with_shardings(tree, shardings):
     """ShapeDtypeStructs carrying shardings: the restore target for orbax."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -24,6 +24,8 @@ Your own data: --config.data.prompts_file, --config.data.sft_file, --config.data
 
 import ml_collections
 
+from experiments.configs import common
+
 from jaxlm.data.tinyworld.make import DEFAULT_SIZES
 
 
@@ -59,13 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
         sft_share=0.5,  # Share of the fine-tuning examples drawn from the original SFT data (keeps harmless skills).
         seed=0,
     ))
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=3e-4, warmup_steps=10, min_learning_rate_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.0, grad_clip=1.0))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=100, batch_size=24, seq_len=160, seed=0, log_every=10, checkpoint_every=50, keep_checkpoints=2,
-        crash_after_step=0,  # Testing only: SIGKILL the run right after this step (0 = never).
-    ))
+    c.optim = common.optim(learning_rate=3e-4, warmup_steps=10)
+    c.train = common.train(100, log_every=10, checkpoint_every=50, batch_size=24, seq_len=160)
     c.rl = ml_collections.ConfigDict(dict(
         prompts="redteam_prompts.jsonl",  # TinyWorld file answered twice per prompt (rl_prompts.jsonl: all tasks).
         principles="harmless,polite",  # Principles drawn per pair (empty: all); these two judge red-team answers.
@@ -84,6 +81,6 @@ def get_config() -> ml_collections.ConfigDict:
         max_new_tokens=48,
         batch_size=64,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     return c

@@ -21,6 +21,8 @@ Your own data: --config.data.train_files=... --config.data.valid_files=... (no j
 
 import ml_collections
 
+from experiments.configs import common
+
 from jaxlm.data.tinyworld.make import DEFAULT_SIZES
 
 
@@ -51,13 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=32,  # Global batch in pairs (2 sequences each).
         seed=0,
     ))
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-4, warmup_steps=10, min_learning_rate_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.0, grad_clip=1.0))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=150, grad_accum=1, seed=0, log_every=10, checkpoint_every=50, keep_checkpoints=2,
-        crash_after_step=0,  # Testing only: SIGKILL the run right after this step (0 = never).
-    ))
+    c.optim = common.optim(learning_rate=1e-4, warmup_steps=10)
+    c.train = common.train(150, log_every=10, checkpoint_every=50, grad_accum=1)
     c.eval = ml_collections.ConfigDict(dict(
         every=75,  # Steps between evals; also at step 0 (the reference itself) and at the end. 0: only those two;
         # negative: never.
@@ -69,6 +66,6 @@ def get_config() -> ml_collections.ConfigDict:
         samples=8,  # Greedy answers written to samples.jsonl at each eval.
         seed=1234,  # Prompt subset and sampling key of every eval, so evals differ only by the policy.
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     return c

@@ -22,6 +22,8 @@ a list of messages); the gold judge then is off.
 
 import ml_collections
 
+from experiments.configs import common
+
 from jaxlm.data.tinyworld.make import DEFAULT_SIZES
 
 
@@ -61,12 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
         horizon=2000,  # Adaptive: episodes to move β by the full clipped error (lm-human-preferences: 10000).
     ))
     # Separate optimizers for the policy and the critic (see jaxlm/steps/ppo.py).
-    c.policy_optim = ml_collections.ConfigDict(dict(
-        learning_rate=3e-5, warmup_steps=10, min_learning_rate_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.0, grad_clip=1.0))
-    c.critic_optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-4, warmup_steps=10, min_learning_rate_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.0, grad_clip=1.0))
+    c.policy_optim = common.optim(learning_rate=3e-5, warmup_steps=10)
+    c.critic_optim = common.optim(learning_rate=1e-4, warmup_steps=10)
     c.train = ml_collections.ConfigDict(dict(
         iterations=40,  # Rollout-and-update iterations.
         seed=0, log_every=1, checkpoint_every=10, keep_checkpoints=2,
@@ -79,6 +77,6 @@ def get_config() -> ml_collections.ConfigDict:
         families="",  # Comma-separated families to keep (TinyWorld). Empty: the training prompts' families.
         seed=1234,  # Sampling key of every eval, so evals differ only by the policy.
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     return c

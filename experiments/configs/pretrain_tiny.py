@@ -9,14 +9,13 @@ text with --config.data.train_files='data/*.txt' (and --config.data.valid_files=
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # jaxlm.model.ModelConfig fields. vocab_size=0: the tokenizer's size rounded up to 128.
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=0, mlp_dim=0,
-        max_seq_len=512, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True, qkv_bias=False,
-        init_std=0.02, dtype="float32", remat="none", scan_unroll=4, attention_impl="xla"))
+    c.model = common.model()
     c.data = ml_collections.ConfigDict(dict(
         train_files="",  # Globs, comma-separated. Empty: generate TinyWorld text into WORKDIR/data.
         valid_files="",  # Empty with built-in data: TinyWorld's held-out split; else no eval.
@@ -30,14 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
         builtin_docs=20_000,  # Size of the generated TinyWorld corpus.
         seed=0,
     ))
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=3e-3, warmup_steps=50, min_learning_rate_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.1, grad_clip=1.0))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=600, grad_accum=1, seed=0, log_every=25, eval_every=200, eval_batches=8,
-        checkpoint_every=200, keep_checkpoints=3, samples=3,
-        crash_after_step=0,  # Testing only: SIGKILL the run right after this step (0 = never).
-    ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    c.optim = common.optim(learning_rate=3e-3, warmup_steps=50, weight_decay=0.1)
+    c.train = common.train(600, log_every=25, checkpoint_every=200, keep_checkpoints=3, eval_every=200,
+                           eval_batches=8, grad_accum=1,
+                           samples=3)  # Unconditional samples written to samples.txt at the end.
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     return c

@@ -19,6 +19,8 @@ Pairs labelled on the SFT model's own samples: `python -m tools.make_preferences
 
 import ml_collections
 
+from experiments.configs import common
+
 from jaxlm.data.tinyworld.make import DEFAULT_SIZES
 
 
@@ -26,10 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.init_from = ""  # Workdir of an SFT (or pretraining, or reward) run: the trunk, model config, tokenizer.
     # Used only when init_from is empty (a fresh trunk). vocab_size=0: the tokenizer's size rounded up to 128.
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=0, mlp_dim=0,
-        max_seq_len=512, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True, qkv_bias=False,
-        init_std=0.02, dtype="float32", remat="none", scan_unroll=4, attention_impl="xla"))
+    c.model = common.model()
     c.data = ml_collections.ConfigDict(dict(
         train_files="",  # Globs of preference JSONL {prompt, chosen, rejected[, label]}. Empty: TinyWorld's.
         valid_files="",  # Held-out pairs. Empty with TinyWorld: preferences_valid.jsonl.
@@ -48,13 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
         margin=0.0,  # Bradley-Terry margin m: -log σ(r_c - r_r - m).
         soft_labels=False,  # Train on the `label` field (P(chosen wins)) instead of hard 1s.
     ))
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=3e-4, warmup_steps=20, min_learning_rate_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.0, grad_clip=1.0))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=250, grad_accum=1, seed=0, log_every=25, eval_every=125, checkpoint_every=125, keep_checkpoints=2,
-        crash_after_step=0,  # Testing only: SIGKILL the run right after this step (0 = never).
-    ))
+    c.optim = common.optim(learning_rate=3e-4, warmup_steps=20)
+    c.train = common.train(250, log_every=25, checkpoint_every=125, eval_every=125, grad_accum=1)
     c.normalize = ml_collections.ConfigDict(dict(
         on="policy",  # 'policy': the init (SFT) model's samples on RL prompts; 'data': chosen+rejected responses.
         prompts_file="",  # JSONL {prompt}. Empty: rl_prompts.jsonl with TinyWorld, else the valid pairs' prompts.
@@ -64,6 +58,6 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=64,
         seed=0,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     return c

@@ -15,6 +15,8 @@ answers). 240 steps (~3 epochs of 6000 demonstrations) and both judge evaluation
 
 import ml_collections
 
+from experiments.configs import common
+
 from jaxlm.data.tinyworld.make import DEFAULT_SIZES
 
 
@@ -22,10 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.init_from = ""  # Workdir of a pretraining (or SFT) run: its weights, model config and tokenizer.
     # Used only when init_from is empty (a fresh model). vocab_size=0: the tokenizer's size rounded up to 128.
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=0, mlp_dim=0,
-        max_seq_len=512, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True, qkv_bias=False,
-        init_std=0.02, dtype="float32", remat="none", scan_unroll=4, attention_impl="xla"))
+    c.model = common.model()
     c.data = ml_collections.ConfigDict(dict(
         train_files="",  # Globs, comma-separated, of SFT JSONL. Empty: TinyWorld's sft_train.jsonl.
         valid_files="",  # Held-out SFT JSONL for the eval loss. Empty with TinyWorld: sft_valid.jsonl.
@@ -42,15 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
         packed=True,  # Pack several conversations per row (False: one per row, padded).
         seed=0,
     ))
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-3, warmup_steps=20, min_learning_rate_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.0, grad_clip=1.0))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=240, grad_accum=1, seed=0, log_every=20, eval_every=80, eval_batches=0,  # 0 = the whole valid set
-        checkpoint_every=80, keep_checkpoints=2,
-        samples=4,  # Prompts answered (greedy) at each eval, into samples.txt and TensorBoard.
-        crash_after_step=0,  # Testing only: SIGKILL the run right after this step (0 = never).
-    ))
+    c.optim = common.optim(learning_rate=1e-3, warmup_steps=20)
+    c.train = common.train(240, log_every=20, checkpoint_every=80, eval_every=80, grad_accum=1,
+                           eval_batches=0,  # 0 = the whole valid set
+                           samples=4)  # Prompts answered (greedy) at each eval, into samples.txt and TensorBoard.
     c.eval = ml_collections.ConfigDict(dict(
         judge=True,  # TinyWorld data: mean gold-judge score of greedy answers to the eval prompts.
         judge_init=True,  # Also score the initial model (before SFT), for comparison.
@@ -58,6 +52,6 @@ def get_config() -> ml_collections.ConfigDict:
         max_new_tokens=48,
         batch_size=64,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    c.mesh = common.mesh()
+    c.distributed = common.distributed()
     return c

@@ -182,6 +182,18 @@ def pad_pair_batch(rows: Sequence[dict], *, batch_size: int, pad_id: int = 0) ->
     return batch
 
 
+def empty_pair_batch(batch_size: int, seq_len: int, pad_id: int = 0, extra_keys: Sequence[str] = ()
+                     ) -> dict[str, np.ndarray]:
+    """A batch of padding pairs only (weight 0, as `pad_pair_batch` fills): what a process whose
+    shard has ended feeds a collective eval step. `extra_keys` are float32 zeros (e.g. a
+    precomputed reference's log-probs)."""
+    row = {"label": np.float32(1.0), "weight": np.float32(0.0), **{k: np.float32(0.0) for k in extra_keys}}
+    for side in SIDES:
+        row.update({f"{side}_{k}": v for k, v in pad_side(np.zeros(0, np.int32), np.zeros(0, np.int32), seq_len,
+                                                             pad_id).items()})
+    return {k: np.stack([v] * batch_size) for k, v in row.items()}
+
+
 def preference_dataset(pairs: PreferencePairs, *, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
                        num_epochs: int | None = None, pad_id: int = 0, process_index: int = 0,
                        process_count: int = 1, read_threads: int = 2) -> grain.IterDataset:

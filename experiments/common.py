@@ -1,0 +1,164 @@
+"""Preparation the stage binaries share: built-in data, tokenizer, model config, initial weights, prompts.
+
+Everything here runs before the training loop (`jaxlm.loop`) and behaves the same in every
+stage: files are written by process 0 while the others wait, bad records name `file:line`, and
+each helper takes the stage's config (the blocks of `experiments/configs/common.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+
+from jaxlm import checkpoint, init_source, runtime, sharding
+from jaxlm.data.sources import DocumentSource
+from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
+from jaxlm.hf_tokenizer import load_tokenizer
+from jaxlm.model import ModelConfig
+from jaxlm.train_state import TrainState, train_state_from_params
+
+
+def tinyworld_dir(cfg, workdir: str, *, marker: str = "summary.json") -> str:
+    """`cfg.data.dir` (or WORKDIR/data), with TinyWorld's files generated there unless `marker` exists."""
+    data_dir = cfg.data.get("dir") or os.path.join(workdir, "data")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(data_dir, marker)):
+        from jaxlm.data import tinyworld
+        print(f"Generating TinyWorld data into {data_dir} ...", flush=True)
+        sizes = cfg.data.tinyworld.to_dict()
+        tinyworld.make_all(data_dir, seed=sizes.pop("seed"), log=lambda _: None, **sizes)
+    runtime.barrier("builtin-data")
+    return data_dir
+
+
+def local_batch_size(cfg) -> int:
+    """This process's share of `--config.data.batch_size` (the global batch)."""
+    n = jax.process_count()
+    if cfg.data.batch_size % n:
+        raise ValueError(f"--config.data.batch_size={cfg.data.batch_size} must be divisible by the {n} processes")
+    return cfg.data.batch_size // n
+
+
+# --- Model and tokenizer ----------------------------------------------------------------------------
+
+
+def fresh_tokenizer(cfg, workdir: str, texts: str | list[str] | Callable[[], Iterable[str]]) -> Tokenizer:
+    """`cfg.data.tokenizer` copied into WORKDIR/tokenizer.model, or one trained there on `texts`
+    (file paths, or a function returning an iterator of strings) when none is given."""
+    local = os.path.join(workdir, init_source.TOKENIZER_MODEL)
+    if jax.process_index() == 0 and not os.path.exists(local):
+        if cfg.data.tokenizer:
+            shutil.copyfile(Tokenizer.load(cfg.data.tokenizer).path, local)  # Fails early, naming the path.
+        else:
+            what = texts if isinstance(texts, str) else "the training text"
+            print(f"Training a {cfg.data.tokenizer_vocab_size}-piece tokenizer on {what} ...", flush=True)
+            source = texts.split(",") if isinstance(texts, str) else texts if isinstance(texts, list) else texts()
+            train_tokenizer(source, local[: -len(".model")], cfg.data.tokenizer_vocab_size,
+                            text_field=cfg.data.get("text_field", "text"))
+    runtime.barrier("tokenizer")
+    return Tokenizer.load(local)
+
+
+def fresh_model_config(cfg, tokenizer) -> ModelConfig:
+    """`cfg.model` with vocab_size 0 meaning the tokenizer's size rounded up to a multiple of 128."""
+    fields = cfg.model.to_dict()
+    if fields["vocab_size"] == 0:
+        fields["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
+    if fields["vocab_size"] < tokenizer.vocab_size:
+        raise ValueError(f"--config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} pieces")
+    return ModelConfig(**fields)
+
+
+def model_and_tokenizer(cfg, workdir: str, ckpt: checkpoint.Checkpointer, texts: Callable[[], Iterable[str]]
+                        ) -> tuple[ModelConfig, object, dict]:
+    """(model config, tokenizer, init_from's meta or {}) of a stage that may start fresh: from this
+    run's checkpoint (resume), from init_from (a jaxlm run or hf:PATH; its tokenizer is copied
+    into the workdir), or a fresh model with a tokenizer trained on `texts()`."""
+    if ckpt.latest_step() is not None:
+        meta = ckpt.restore_meta()
+        return (ModelConfig(**meta["model"]), load_tokenizer(init_source.workdir_tokenizer(workdir)),
+                meta.get("init_meta", {}))
+    if cfg.init_from:
+        meta = init_source.load_meta(cfg.init_from, "init_from")
+        return ModelConfig(**meta["model"]), init_source.copy_tokenizer(meta, workdir), {"stage": meta.get("stage")}
+    tokenizer = fresh_tokenizer(cfg, workdir, texts)
+    return fresh_model_config(cfg, tokenizer), tokenizer, {}
+
+
+def texts_of(files: str, parse: Callable[[dict], str]) -> Callable[[], Iterable[str]]:
+    """A function returning the texts `parse` makes of each record of `files` (tokenizer training)."""
+    def texts():
+        source = DocumentSource(files.split(","), parse=parse)
+        return iter(source[i] for i in range(len(source)))
+    return texts
+
+
+def initial_train_state(cfg, params, optimizer, shardings: TrainState) -> TrainState:
+    """Step 0 from `params` (already on their shardings): fresh optimizer state, the run's root key."""
+    return train_state_from_params(params, optimizer, shardings,
+                                   jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1))
+
+
+def init_from_or_fresh(cfg, init, mesh, shardings) -> object:
+    """init_from's weights loaded straight onto `shardings`, or `init(PRNGKey(seed))` made there."""
+    if cfg.init_from:
+        params, meta = init_source.load_params(cfg.init_from, shardings=shardings)
+        print(f"Initialised from {cfg.init_from} ({meta.get('stage', '?')} run)", flush=True)
+        return params
+    with sharding.use_rules(mesh):
+        return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed))
+
+
+# --- Prompts and files ------------------------------------------------------------------------------
+
+
+def read_prompts(path: str, *, field: str = "prompt", limit: int = 0, skip_bad_records: bool = False,
+                 parse: Callable[[dict], dict] | None = None) -> list[dict]:
+    """JSONL records with a prompt (a string or a list of messages) in `field`, in file order;
+    a bad record names file:line. `parse(record)` may add fields (e.g. chat-encoded tokens)."""
+    def check(obj):
+        prompt = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(prompt, (str, list)):
+            raise KeyError(f"missing field {field!r} (a string or a list of messages)")
+        record = {**obj, "prompt": prompt}
+        return parse(record) if parse else record
+
+    source = DocumentSource(path.split(","), parse=check, skip_bad_records=skip_bad_records)
+    if source.num_skipped:
+        print(f"Skipped {source.num_skipped} bad records in {path}: {source.skipped}", flush=True)
+    n = len(source) if limit <= 0 else min(limit, len(source))
+    return [source[i] for i in range(n)]
+
+
+def seeded_subset(records: list[dict], n: int, seed: int) -> list[dict]:
+    """`n` records (0 = all) drawn with a fixed seed, in file order: the same eval prompts every time."""
+    order = np.random.default_rng(seed).permutation(len(records))
+    n = len(records) if n <= 0 else min(n, len(records))
+    return [records[i] for i in sorted(order[:n])]
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic (process 0 only): a killed run leaves the previous file or none, never half of one."""
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def lm_eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """Held-out loss, perplexity and token count from summed (loss, count) of `lm.make_eval_step`."""
+    loss_sum, count = totals.get("0", 0.0), totals.get("1", 0.0)
+    loss = loss_sum / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
