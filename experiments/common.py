@@ -114,6 +114,16 @@ def init_from_or_fresh(cfg, init, mesh, shardings) -> object:
         return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed))
 
 
+def for_generation(params, mesh):
+    """(params, mesh) for host-driven generation (judging answers, samples): as they are in one
+    process; in several, whole arrays gathered on every host and a local run, so each process
+    computes the same answers with no collective inside the sampling loop (a collective: every
+    process must call it)."""
+    if jax.process_count() == 1:
+        return params, mesh
+    return runtime.host_copy(params), None
+
+
 # --- Prompts and files ------------------------------------------------------------------------------
 
 

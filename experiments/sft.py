@@ -93,6 +93,7 @@ def load_examples(cfg, files: str, tokenizer) -> sft.ChatExamples:
 
 def answer(cfg, model, params, tokenizer, prompts: list, mesh) -> list[str]:
     """Greedy answers in the chat format (what the judge scores and samples.txt shows)."""
+    params, mesh = common.for_generation(params, mesh)
     return chat.generate_responses(model, params, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                    greedy=True, batch_size=cfg.eval.batch_size, bucket=64, mesh=mesh).texts
 

@@ -61,14 +61,18 @@ class PreferenceParser:
     """JSON object -> {chosen_tokens, chosen_loss_mask, rejected_..., label}, or None if skipped.
 
     `num_too_long` counts the records with a side over `max_len` (skipped or truncated).
+    `float_fields` are numeric fields copied as float32 (e.g. a precomputed reference's
+    log-probs, `jaxlm.steps.dpo.REF_KEYS`); each must be a finite number.
     """
 
     def __init__(self, tokenizer, *, max_len: int, too_long: str = "error", prompt_field: str = "prompt",
-                 chosen_field: str = "chosen", rejected_field: str = "rejected", label_field: str = "label"):
+                 chosen_field: str = "chosen", rejected_field: str = "rejected", label_field: str = "label",
+                 float_fields: Sequence[str] = ()):
         check_too_long_policy(too_long)
         self.tokenizer, self.max_len, self.too_long = tokenizer, max_len, too_long
         self.fields = {"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field}
         self.label_field = label_field
+        self.float_fields = tuple(float_fields)
         self.num_too_long = 0
 
     def _label(self, obj: dict) -> float:
@@ -110,6 +114,11 @@ class PreferenceParser:
         for side in SIDES:
             for key in ("tokens", "loss_mask"):
                 out[f"{side}_{key}"] = np.asarray(record[f"{side}_{key}"][:self.max_len], np.int32)
+        for key in self.float_fields:
+            value = obj.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"field {key!r} must be a finite number, got {value!r}")
+            out[key] = np.float32(value)
         return out
 
 
@@ -122,9 +131,12 @@ class PreferencePairs(DocumentSource):
 
     def __init__(self, patterns: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *, seq_len: int,
                  too_long: str = "error", skip_bad_records: bool = False, prompt_field: str = "prompt",
-                 chosen_field: str = "chosen", rejected_field: str = "rejected", label_field: str = "label"):
+                 chosen_field: str = "chosen", rejected_field: str = "rejected", label_field: str = "label",
+                 float_fields: Sequence[str] = ()):
         parser = PreferenceParser(tokenizer, max_len=seq_len, too_long=too_long, prompt_field=prompt_field,
-                                  chosen_field=chosen_field, rejected_field=rejected_field, label_field=label_field)
+                                  chosen_field=chosen_field, rejected_field=rejected_field, label_field=label_field,
+                                  float_fields=float_fields)
+        self.float_fields = parser.float_fields
         super().__init__(patterns, parse=parser, skip_bad_records=skip_bad_records)
         self.too_long = too_long
         self.num_too_long = parser.num_too_long  # counted while indexing: once per record
@@ -156,13 +168,15 @@ def pad_side(tokens: np.ndarray, loss_mask: np.ndarray, seq_len: int, pad_id: in
 
 
 class PadPair(grain.transforms.Map):
-    """A parsed pair -> one padded row per side, flattened into `{side}_{feature}` keys."""
+    """A parsed pair -> one padded row per side, flattened into `{side}_{feature}` keys (and its
+    `float_fields`)."""
 
-    def __init__(self, seq_len: int, pad_id: int):
-        self.seq_len, self.pad_id = seq_len, pad_id
+    def __init__(self, seq_len: int, pad_id: int, float_fields: Sequence[str] = ()):
+        self.seq_len, self.pad_id, self.float_fields = seq_len, pad_id, tuple(float_fields)
 
     def map(self, record):
-        out = {"label": np.float32(record["label"]), "weight": np.float32(1.0)}
+        out = {"label": np.float32(record["label"]), "weight": np.float32(1.0),
+               **{k: np.float32(record[k]) for k in self.float_fields}}
         for side in SIDES:
             row = pad_side(record[f"{side}_tokens"], record[f"{side}_loss_mask"], self.seq_len, self.pad_id)
             out.update({f"{side}_{k}": v for k, v in row.items()})
@@ -200,6 +214,7 @@ def preference_dataset(pairs: PreferencePairs, *, seq_len: int, batch_size: int,
     """Batches of preference pairs (module docstring); `batch_size` is per process.
 
     Evaluation: `shuffle=False, num_epochs=1`; the last batch is completed with weight-0 rows.
+    The pairs' `float_fields` travel with them (e.g. precomputed reference log-probs).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -209,7 +224,7 @@ def preference_dataset(pairs: PreferencePairs, *, seq_len: int, batch_size: int,
                          f"{len(pairs)}")
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).filter(_is_kept).map(PadPair(seq_len, pad_id))
+    ds = ds.repeat(num_epochs).filter(_is_kept).map(PadPair(seq_len, pad_id, getattr(pairs, "float_fields", ())))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
     return it.batch(batch_size, batch_fn=functools.partial(pad_pair_batch, batch_size=batch_size, pad_id=pad_id))
 
