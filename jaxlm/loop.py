@@ -18,8 +18,8 @@ What lives here, once, because copies of it drifted apart in six binaries:
 - SIGTERM: every process must stop at the same step, since saving is a collective, so the flag
   is exchanged at log steps (`runtime.StopSignal.check`); then save, exit cleanly, resume later;
 - the non-finite guard (names the last good checkpoint), first-step compile time, throughput,
-  the progress bar, metrics.jsonl (lines past the restored step dropped) and the crash hook the
-  resume tests use (`crash_after_step`).
+  the progress bar, metrics.jsonl (lines past the restored step dropped) and the hooks the
+  resume tests use (`crash_after_step`: SIGKILL; `sigterm_after_step`: a preemption).
 Stage-specific work plugs in as callables: `evaluate`, `initial_eval`, `hooks`, `finalize`
 (reward normalisation before the last checkpoint), `on_finish` (final judge, eval.json).
 """
@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -51,6 +52,7 @@ class Cadence:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     crash_after_step: int = 0  # Testing only: SIGKILL right after this step.
+    sigterm_after_step: int = 0  # Testing only: this process sends itself SIGTERM after this step.
 
     @classmethod
     def from_config(cls, train, **overrides) -> "Cadence":
@@ -124,6 +126,8 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
                     jax.block_until_ready(step_metrics)
                     print(f"\nFirst step (compile + run) took {time.perf_counter() - compile_start:.1f}s", flush=True)
                     throughput.rate()
+                if step == cadence.sigterm_after_step:
+                    os.kill(os.getpid(), signal.SIGTERM)  # Through the real handler, as a preemption would.
                 stopping = stop.check(step) and step < steps
                 last = step == steps
                 save_now = runtime.every(step, cadence.checkpoint_every) or last or stopping

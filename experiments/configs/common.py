@@ -29,6 +29,7 @@ def train(steps: int, *, log_every: int, checkpoint_every: int, keep_checkpoints
         steps=steps, seed=0, log_every=log_every, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, **fields,
         crash_after_step=0,  # Testing only: SIGKILL the run right after this step (0 = never).
+        sigterm_after_step=0,  # Testing only: SIGTERM to this process after this step (0 = never).
     ))
 
 
