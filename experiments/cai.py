@@ -28,34 +28,35 @@ Everything generated is written for audit: DIR/revisions.jsonl (prompt, initial 
 the principle, critique and revision), DIR/sl_train.jsonl (the fine-tuning mix, each record's
 `source`), DIR/ai_labels.jsonl (both responses, the principle, both orders' option log-probs and
 probabilities, the label) and DIR/ai_preferences_{train,valid}.jsonl. DIR/eval.json holds the
-measured rates before and after; metrics.jsonl, TensorBoard and checkpoints as in every stage.
-Rerunning resumes: generated files are reused (written atomically), training resumes from its
-newest checkpoint.
+measured rates before and after (the "before" also in DIR/eval_init.json, both in metrics.jsonl
+at steps 0 and `train.steps`). Fine-tuning runs on the shared loop (`jaxlm.loop.train`), so
+metrics.jsonl, TensorBoard, checkpoints, SIGTERM (save, exit 0) and the NaN guard behave as in
+every stage. Rerunning resumes: generated files are reused (written atomically), training resumes
+from its newest checkpoint, and a run whose eval.json exists is finished.
 
 Left out: multi-process runs (generation and labelling run in one process, like PPO's loop).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import cai, checkpoint, init_source, metrics as metrics_lib, optim, runtime, sharding
+from experiments import common
+from jaxlm import cai, checkpoint, init_source, loop, optim, runtime, sharding
 from jaxlm.data import chat, sft
 from jaxlm.data.sources import DocumentSource
+from jaxlm.data.tinyworld.corpus import write_jsonl
 from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
-from jaxlm.train_state import TrainState, abstract_with_shardings, state_shardings
+from jaxlm.train_state import abstract_train_state, state_shardings, train_state_from_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/cai_tiny.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (generated data, checkpoints, metrics).", required=True)
@@ -64,13 +65,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (generated data, 
 def prepare_data(cfg, workdir: str) -> dict:
     """Paths of the prompt files, the SFT data, the eval prompts and the constitution (TinyWorld by default)."""
     d = cfg.data
-    data_dir = d.dir or os.path.join(workdir, "data")
     tinyworld_needed = not all((d.prompts_file, d.sft_file, d.constitution_file))
-    if tinyworld_needed and not os.path.exists(os.path.join(data_dir, "summary.json")):
-        from jaxlm.data import tinyworld
-        print(f"Generating TinyWorld data into {data_dir} ...", flush=True)
-        sizes = d.tinyworld.to_dict()
-        tinyworld.make_all(data_dir, seed=sizes.pop("seed"), log=lambda _: None, **sizes)
+    data_dir = common.tinyworld_dir(cfg, workdir) if tinyworld_needed else ""
     default_prompts = "redteam_prompts.jsonl" if cfg.phase == "sl" else cfg.rl.prompts
     return {"prompts": d.prompts_file or os.path.join(data_dir, default_prompts),
             "sft": d.sft_file or os.path.join(data_dir, "sft_train.jsonl"),
@@ -79,24 +75,14 @@ def prepare_data(cfg, workdir: str) -> dict:
             "tinyworld": not d.eval_prompts_file}
 
 
-def read_jsonl(path: str, require: str = "prompt") -> list[dict]:
-    """Records in file order, each with a `require` field (a prompt: a string or message list);
-    bad lines fail naming file:line."""
+def read_generated(path: str, require: str) -> list[dict]:
+    """A file this binary wrote earlier (revisions, labels), reused on a rerun; bad lines name file:line."""
     def parse(obj):
-        if require not in obj or (require == "prompt" and not isinstance(obj["prompt"], (str, list))):
+        if require not in obj:
             raise KeyError(f"missing field {require!r}")
         return obj
     source = DocumentSource(path, parse=parse)
     return [source[i] for i in range(len(source))]
-
-
-def write_jsonl(path: str, records) -> None:
-    """Atomic: a killed run leaves the previous file or none, never half of one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def load_model(path: str, flag: str):
@@ -109,7 +95,7 @@ def load_model(path: str, flag: str):
     return Model(ModelConfig(**meta["model"])), params, meta
 
 
-def principles_for(cfg, files: dict, names: str) -> tuple:
+def principles_for(files: dict, names: str) -> tuple:
     return cai.select(cai.load_constitution(files["constitution"]), names)
 
 
@@ -126,13 +112,13 @@ def evaluate(cfg, model, params, tokenizer, records: list[dict]) -> dict:
     if other:
         out["tasks/gold"] = float(np.mean([r["gold"] for r in other]))
     out.update({k: v for k, v in result.summary.items() if k.startswith("gold/")})
-    return {"summary": out, "examples": [r for r in result.records if r["family"] == cfg.eval.redteam_family][:8]}
+    return {"summary": out, "examples": red[:8]}
 
 
 def eval_records(cfg, files: dict) -> list[dict]:
     if not (files["eval"] and cfg.eval.enabled):
         return []
-    records = read_jsonl(files["eval"])
+    records = common.read_prompts(files["eval"])
     if cfg.eval.families:
         keep = set(cfg.eval.families.split(","))
         records = [r for r in records if r.get("family") in keep]
@@ -145,11 +131,9 @@ def eval_records(cfg, files: dict) -> list[dict]:
 def generate_revisions(cfg, model, params, tokenizer, files: dict, path: str) -> list[dict]:
     if os.path.exists(path):
         print(f"Reusing {path}", flush=True)
-        return read_jsonl(path, require="revision")
-    prompts = [r["prompt"] for r in read_jsonl(files["prompts"])]
-    if cfg.sl.num_prompts > 0:
-        prompts = prompts[:cfg.sl.num_prompts]
-    principles = principles_for(cfg, files, cfg.sl.principles)
+        return read_generated(path, require="revision")
+    prompts = [r["prompt"] for r in common.read_prompts(files["prompts"], limit=cfg.sl.num_prompts)]
+    principles = principles_for(files, cfg.sl.principles)
     rng = jax.random.PRNGKey(cfg.sl.seed)
     t = time.perf_counter()
     answers = chat.generate_responses(model, params, tokenizer, prompts, max_new_tokens=cfg.sl.max_new_tokens,
@@ -177,7 +161,7 @@ def generate_revisions(cfg, model, params, tokenizer, files: dict, path: str) ->
 def make_training_mix(cfg, files: dict, revisions: list[dict], path: str) -> str:
     if not os.path.exists(path):
         usable = [r for r in revisions if any(x["revised"] for x in r["rounds"])]
-        mix = cai.mix_with_sft(usable, read_jsonl(files["sft"]) if cfg.mix.sft_share else [],
+        mix = cai.mix_with_sft(usable, common.read_prompts(files["sft"]) if cfg.mix.sft_share else [],
                                cfg.mix.sft_share, cfg.mix.seed)
         write_jsonl(path, mix)
         print(f"Fine-tuning mix: {len(usable)} revisions + {len(mix) - len(usable)} SFT examples "
@@ -185,16 +169,23 @@ def make_training_mix(cfg, files: dict, revisions: list[dict], path: str) -> str
     return path
 
 
-def _abstract_state(model, optimizer, state_sh: TrainState) -> TrainState:
-    params = model.abstract_params()
-    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=jax.eval_shape(optimizer.init, params),
-                        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-    return abstract_with_shardings(shapes, state_sh)
+def run_sl(cfg, workdir: str):
+    eval_path, init_path = os.path.join(workdir, "eval.json"), os.path.join(workdir, "eval_init.json")
+    if os.path.exists(eval_path):
+        print(f"Already finished: {eval_path}", flush=True)
+        return
+    model, params, init_meta = load_model(cfg.init_from, "init_from")
+    tokenizer = init_source.copy_tokenizer(init_meta, workdir)
+    files = prepare_data(cfg, workdir)
+    records = eval_records(cfg, files)
+    revisions = generate_revisions(cfg, model, params, tokenizer, files, os.path.join(workdir, "revisions.jsonl"))
+    for rec in revisions[:cfg.sl.show]:
+        last = rec["rounds"][-1]
+        print(f"- prompt: {rec['prompt']!r}\n  answer: {rec['initial']!r}\n  principle: {last['principle']}\n"
+              f"  critique: {last['critique']!r}\n  revision: {rec['revision']!r}", flush=True)
+    train_file = make_training_mix(cfg, files, revisions, os.path.join(workdir, "sl_train.jsonl"))
 
-
-def fine_tune(cfg, workdir: str, model: Model, tokenizer, train_file: str, meta: dict, writer) -> TrainState:
-    """SFT on the mix from init_from's weights: the same step and data pipeline as experiments/sft.py."""
+    # Fine-tuning: SFT on the mix from init_from's weights, the step and data pipeline of experiments/sft.py.
     mesh = runtime.mesh_from_config(cfg)
     steps = cfg.train.steps
     optimizer, schedule = optim.from_config(cfg.optim, steps)
@@ -202,96 +193,44 @@ def fine_tune(cfg, workdir: str, model: Model, tokenizer, train_file: str, meta:
     examples = sft.ChatExamples(train_file, tokenizer, seq_len=cfg.train.seq_len, too_long="skip")
     if examples.report():
         print(f"{train_file}: {examples.report()}", flush=True)
-    train_iter = sft.make_sft_iterator(examples, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
-                                       seed=cfg.train.seed, pad_id=max(tokenizer.pad_id, 0))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
-    restored = None
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore_latest(_abstract_state(model, optimizer, state_sh), data_iterator=train_iter)
-    if restored is not None:
-        state = restored[1]
-        print(f"Resuming from step {restored[0]} ({ckpt.directory})", flush=True)
-    else:
-        params, _ = init_source.load_params(cfg.init_from, shardings=state_sh.params)
-        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_sh.step), params=params,
-                           opt_state=jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params),
-                           rng=jax.device_put(jax.random.PRNGKey(cfg.train.seed), state_sh.rng))
-    start = int(state.step)
-    batch_sh = sharding.batch_sharding(mesh)
     with sharding.use_rules(mesh):
-        train_step = jax.jit(lm.make_train_step(model, optimizer, schedule), in_shardings=(state_sh, batch_sh),
-                             out_shardings=(state_sh, None), donate_argnums=0)
+        train_step = jax.jit(lm.make_train_step(model, optimizer, schedule), donate_argnums=0,
+                             in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, None))
     print(f"Fine-tuning {steps} steps of {cfg.train.batch_size}×{cfg.train.seq_len} tokens on {len(examples)} "
           f"conversations", flush=True)
-    progress = metrics_lib.Progress(total=steps, initial=start, desc="cai-sl")
-    stop = runtime.StopSignal()
-    last_saved = ckpt.latest_step()
-    try:
-        with sharding.use_rules(mesh):
-            for step in range(start + 1, steps + 1):
-                state, step_metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
-                progress.update(1)
-                save_now = runtime.every(step, cfg.train.checkpoint_every) or step == steps or stop.requested
-                if runtime.every(step, cfg.train.log_every) or save_now:
-                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    runtime.check_finite(step, values, last_saved, ckpt.directory)
-                    writer.write(step, values)
-                    progress.update(0, loss=values["loss"])
-                if save_now:
-                    ckpt.save(step, state, data_iterator=train_iter, meta=meta)
-                    last_saved = step
-                if stop.requested:
-                    break
-                runtime.crash_if_asked(step, cfg.train.crash_after_step, ckpt)  # Resume tests.
-    except runtime.NonFiniteLoss as e:
-        runtime.exit_on_non_finite(e, ckpt, progress)
-    finally:
-        stop.restore()
-    ckpt.close()
-    progress.close()
-    if stop.requested:
-        print(f"Stopped at step {last_saved}; rerun the same command to resume.", flush=True)
-        sys.exit(0)
-    return state
 
-
-def run_sl(cfg, workdir: str):
-    if os.path.exists(os.path.join(workdir, "eval.json")):
-        print(f"Already finished: {os.path.join(workdir, 'eval.json')}", flush=True)
-        return
-    model, params, init_meta = load_model(cfg.init_from, "init_from")
-    tokenizer = _local_tokenizer(workdir, init_meta)
-    files = prepare_data(cfg, workdir)
-    records = eval_records(cfg, files)
-    resume = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=resume.latest_step() or 0)
-    resume.close()
-    init_path = os.path.join(workdir, "eval_init.json")
-    if records and not os.path.exists(init_path):
+    def initial_eval(_):  # The model before fine-tuning: init_from's weights, as loaded for generation.
+        if not records:
+            return {}
         init = evaluate(cfg, model, params, tokenizer, records)
-        write_json(init_path, init)
-        writer.write(0, {f"eval/{k}": v for k, v in init["summary"].items()})
+        common.write_json(init_path, init)
         print(f"Before: {_line(init['summary'])}", flush=True)
+        return {f"eval/{k}": v for k, v in init["summary"].items()}
 
-    revisions = generate_revisions(cfg, model, params, tokenizer, files, os.path.join(workdir, "revisions.jsonl"))
-    for rec in revisions[:cfg.sl.show]:
-        last = rec["rounds"][-1]
-        print(f"- prompt: {rec['prompt']!r}\n  answer: {rec['initial']!r}\n  principle: {last['principle']}\n"
-              f"  critique: {last['critique']!r}\n  revision: {rec['revision']!r}", flush=True)
-    train_file = make_training_mix(cfg, files, revisions, os.path.join(workdir, "sl_train.jsonl"))
+    def on_finish(state, writer, _):
+        if not records:
+            return
+        final = evaluate(cfg, model, jax.device_get(state.params), tokenizer, records)
+        writer.write(steps, {f"eval/{k}": v for k, v in final["summary"].items()})
+        init = common.read_json(init_path)
+        common.write_json(eval_path, {"before": init, "after": final, "revisions": len(revisions)})
+        print(f"Before: {_line(init['summary'])}\nAfter:  {_line(final['summary'])}", flush=True)
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
     meta = {"stage": "cai_sl", "model": init_meta["model"], "tokenizer": init_source.workdir_tokenizer(workdir),
             "config": cfg.to_dict(), "init_from": cfg.init_from}
-    state = fine_tune(cfg, workdir, model, tokenizer, train_file, meta, writer)
-    if records:
-        final = evaluate(cfg, model, jax.device_get(state.params), tokenizer, records)
-        writer.write(cfg.train.steps, {f"eval/{k}": v for k, v in final["summary"].items()})
-        with open(init_path) as f:
-            init = json.load(f)
-        write_json(os.path.join(workdir, "eval.json"), {"before": init, "after": final,
-                                                        "revisions": len(revisions)})
-        print(f"Before: {_line(init['summary'])}\nAfter:  {_line(final['summary'])}", flush=True)
-    writer.close()
-    print(f"Done. Fine-tuned model in {os.path.join(workdir, 'checkpoints')}", flush=True)
+    outcome = loop.train(
+        workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="cai-sl", step_fn=train_step,
+        batches=sft.make_sft_iterator(examples, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                                      seed=cfg.train.seed, pad_id=max(tokenizer.pad_id, 0)),
+        place=lambda batch: sharding.global_batch(batch, mesh), mesh=mesh,
+        init_state=lambda: train_state_from_params(  # CAI's root key is PRNGKey(seed) itself (not folded).
+            init_source.load_params(cfg.init_from, shardings=state_sh.params)[0], optimizer, state_sh,
+            jax.random.PRNGKey(cfg.train.seed)),
+        abstract_state=abstract_train_state(model, optimizer, state_sh), meta=meta, initial_eval=initial_eval,
+        on_finish=on_finish, tokens_per_step=cfg.train.batch_size * cfg.train.seq_len)
+    if not outcome.stopped:
+        print(f"Done. Fine-tuned model in {ckpt.directory}", flush=True)
 
 
 # --- Phase rl_label: AI preference labels -------------------------------------------------------------
@@ -299,7 +238,7 @@ def run_sl(cfg, workdir: str):
 
 def run_rl_label(cfg, workdir: str):
     model, params, init_meta = load_model(cfg.init_from, "init_from")
-    tokenizer = _local_tokenizer(workdir, init_meta)
+    tokenizer = init_source.copy_tokenizer(init_meta, workdir)
     if cfg.feedback_from and cfg.feedback_from != cfg.init_from:
         feedback_model, feedback_params, feedback_meta = load_model(cfg.feedback_from, "feedback_from")
         if not init_source.same_tokenizer(load_tokenizer(feedback_meta["tokenizer"]), tokenizer):
@@ -310,11 +249,9 @@ def run_rl_label(cfg, workdir: str):
     labels_path = os.path.join(workdir, "ai_labels.jsonl")
     if os.path.exists(labels_path):
         print(f"Reusing {labels_path}", flush=True)
-        labels = read_jsonl(labels_path, require="p_x")
+        labels = read_generated(labels_path, require="p_x")
     else:
-        prompts = [r["prompt"] for r in read_jsonl(files["prompts"])]
-        if cfg.rl.num_prompts > 0:
-            prompts = prompts[:cfg.rl.num_prompts]
+        prompts = [r["prompt"] for r in common.read_prompts(files["prompts"], limit=cfg.rl.num_prompts)]
         t = time.perf_counter()
         both = chat.generate_responses(model, params, tokenizer, [p for p in prompts for _ in range(2)],
                                        max_new_tokens=cfg.rl.max_new_tokens, rng=jax.random.PRNGKey(cfg.rl.seed),
@@ -324,7 +261,7 @@ def run_rl_label(cfg, workdir: str):
             (x, y), ended = both.texts[2 * i:2 * i + 2], both.ended[2 * i:2 * i + 2]
             if cai.usable(x, ended[0]) and cai.usable(y, ended[1]) and x != y:
                 items.append((prompt, x, y))
-        principles = cai.draw_principles(principles_for(cfg, files, cfg.rl.principles), len(items), cfg.rl.seed)
+        principles = cai.draw_principles(principles_for(files, cfg.rl.principles), len(items), cfg.rl.seed)
         labels = cai.ai_labels(feedback_model, feedback_params, tokenizer, [q for q, _, _ in items],
                                [x for _, x, _ in items], [y for _, _, y in items], principles,
                                batch_size=cfg.rl.label_batch_size)
@@ -346,7 +283,8 @@ def run_rl_label(cfg, workdir: str):
     for split, records in splits.items():
         write_jsonl(os.path.join(workdir, f"ai_preferences_{split}.jsonl"), records)
     summary = label_summary(labels)
-    write_json(os.path.join(workdir, "summary.json"), {"pairs": {k: len(v) for k, v in splits.items()}, **summary})
+    common.write_json(os.path.join(workdir, "summary.json"),
+                      {"pairs": {k: len(v) for k, v in splits.items()}, **summary})
     print(f"AI preferences: {len(splits['train'])} train / {len(splits['valid'])} valid pairs in {workdir}; "
           f"{_line(summary)}", flush=True)
 
@@ -364,21 +302,6 @@ def label_summary(labels: list[dict]) -> dict:
         out["gold_agreement"] = float(np.mean([(l["p_x"] >= 0.5) == (l["gold_x"] > l["gold_y"]) for l in judged]))
         out["gold_agreement_pairs"] = len(judged)
     return out
-
-
-# --- Plumbing ----------------------------------------------------------------------------------------
-
-
-def _local_tokenizer(workdir: str, meta: dict):
-    """The source's tokenizer (jaxlm SentencePiece or Hugging Face), copied into the workdir."""
-    return init_source.copy_tokenizer(meta, workdir)
-
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def _line(summary: dict) -> str:

@@ -130,14 +130,19 @@ def _iid_model(tok, p_eos: float = 0.3):
     return cfg, params
 
 
-def test_binary_sl_and_rl_label_phases_end_to_end(world, tmp_path):
-    d, tok, _, _ = world
+def _sft_workdir(d, tok, path):
+    """A jaxlm 'SFT run' at `path` holding the i.i.d. model (what --config.init_from reads)."""
     cfg, params = _iid_model(tok)
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "sft" / "checkpoints"))
+    ckpt = checkpoint.Checkpointer(str(path / "checkpoints"))
     ckpt.save(1, {"step": jnp.int32(1), "params": params},
               meta={"stage": "sft", "model": dataclasses.asdict(cfg), "tokenizer": str(d / "tokenizer.model")})
     ckpt.close()
-    common = [sys.executable, "-m", "experiments.cai", f"--config.init_from={tmp_path / 'sft'}",
+    return path
+
+
+def test_binary_sl_and_rl_label_phases_end_to_end(world, tmp_path):
+    d, tok, _, _ = world
+    common = [sys.executable, "-m", "experiments.cai", f"--config.init_from={_sft_workdir(d, tok, tmp_path / 'sft')}",
               f"--config.data.dir={d / 'data'}", "--config.sl.max_new_tokens=8", "--config.sl.batch_size=8",
               "--config.sl.revision_temperature=1.0", "--config.train.steps=4", "--config.train.batch_size=4",
               "--config.train.checkpoint_every=2", "--config.train.log_every=1", "--config.eval.max_new_tokens=8",
@@ -183,3 +188,24 @@ def test_binary_sl_and_rl_label_phases_end_to_end(world, tmp_path):
     assert all(p["label"] >= 0.5 for p in pairs["train"] + pairs["valid"])
     summary = json.load(open(tmp_path / "rl" / "summary.json"))
     assert summary["pairs"]["valid"] == round(0.25 * len(labels)) and 0.0 <= summary["position_bias_p_a"] <= 1.0
+
+
+def test_sigterm_during_fine_tuning_saves_exits_0_and_the_rerun_resumes(world, tmp_path):
+    d, tok, _, _ = world
+    cmd = [sys.executable, "-m", "experiments.cai", f"--workdir={tmp_path / 'sl'}",
+           f"--config.init_from={_sft_workdir(d, tok, tmp_path / 'sft')}", f"--config.data.dir={d / 'data'}",
+           "--config.sl.num_prompts=8", "--config.sl.max_new_tokens=8", "--config.sl.batch_size=8",
+           "--config.sl.revision_temperature=1.0", "--config.sl.critique=False", "--config.eval.enabled=False",
+           "--config.train.steps=4", "--config.train.batch_size=4", "--config.train.log_every=1",
+           "--config.train.checkpoint_every=0", "--config.train.sigterm_after_step=2"]
+    first = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "Stopped at step 2" in first.stdout
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "sl" / "checkpoints"))
+    assert ckpt.latest_step() == 2  # checkpoint_every=0: the save is the SIGTERM's
+    ckpt.close()
+    second = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600)  # the same command
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "Reusing" in second.stdout and "Resuming from step 2" in second.stdout and "Done." in second.stdout
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "sl" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
