@@ -146,16 +146,17 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
                         values.update(hook.fn(state, step) or {})
                     _write(writer, step, values)
                     progress.update(0, **{name: values[k] for name, k in progress_keys.items() if k in values})
-                if save_now:
-                    step_meta = meta
-                    if last and finalize is not None:
-                        state, extra = finalize(state)
-                        step_meta = {**meta, **extra}
-                    ckpt.save(step, state, data_iterator=batches, meta=step_meta)
+                if save_now and not (last and finalize is not None):
+                    ckpt.save(step, state, data_iterator=batches, meta=meta)
                     last_saved = step
                 if stopping:
                     break
                 runtime.crash_if_asked(step, cadence.crash_after_step, ckpt)
+        if finalize is not None and start_step < steps and not stopping:
+            # Outside the sharding rules: host-side work on whole arrays (e.g. scoring samples).
+            state, extra = finalize(state)
+            ckpt.save(steps, state, data_iterator=batches, meta={**meta, **extra})
+            last_saved = steps
     except runtime.NonFiniteLoss as e:
         writer.close()
         runtime.exit_on_non_finite(e, ckpt, progress)
