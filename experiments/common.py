@@ -15,11 +15,13 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, init_source, runtime, sharding
+from jaxlm import checkpoint, init_source, loop, runtime, sharding
+from jaxlm.data import packing
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
 from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import ModelConfig
+from jaxlm.steps import lm
 from jaxlm.train_state import TrainState, train_state_from_params
 
 
@@ -167,8 +169,31 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def lm_eval_metrics(totals: dict[str, float]) -> dict[str, float]:
-    """Held-out loss, perplexity and token count from summed (loss, count) of `lm.make_eval_step`."""
-    loss_sum, count = totals.get("0", 0.0), totals.get("1", 0.0)
-    loss = loss_sum / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
+# --- Steps ------------------------------------------------------------------------------------------
+
+
+def lm_steps(cfg, model, optimizer, schedule, mesh, state_sh: TrainState):
+    """Pretraining's and SFT's jitted next-token step, and their held-out loss:
+    `held_out(params, batches) -> {eval_loss, eval_perplexity, eval_tokens}` over at most
+    `cfg.train.eval_batches` batches (0 = all), agreed across processes (`loop.sum_batches`)."""
+    batch_sh = sharding.batch_sharding(mesh)
+    with sharding.use_rules(mesh):
+        train_step = jax.jit(lm.make_train_step(model, optimizer, schedule, grad_accum=cfg.train.grad_accum),
+                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+        eval_step = jax.jit(lm.make_eval_step(model), in_shardings=(state_sh.params, batch_sh))
+    empty_shape = (local_batch_size(cfg), cfg.data.seq_len)
+
+    def held_out(params, batches) -> dict[str, float]:
+        totals = loop.sum_batches(lambda batch: eval_step(params, batch), batches, place=placer(mesh),
+                                  max_batches=cfg.train.eval_batches,
+                                  empty=lambda: {k: np.zeros(empty_shape, np.int32) for k in packing.FEATURES})
+        loss_sum, count = totals.get("0", 0.0), totals.get("1", 0.0)
+        loss = loss_sum / max(count, 1.0)
+        return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
+
+    return train_step, held_out
+
+
+def placer(mesh):
+    """`place(batch)` for the loop: this process's rows into the global batch over `mesh`."""
+    return lambda batch: sharding.global_batch(batch, mesh)

@@ -147,7 +147,7 @@ def _stamp(cfg, files: str, reference: str) -> dict:
             "fields": fields}
 
 
-def precompute_reference(cfg, model, ref_params, files: str, tokenizer: Tokenizer, out_path: str, reference: str,
+def precompute_reference(cfg, model, ref_params, files: str, tokenizer, out_path: str, reference: str,
                          batch_size: int) -> str:
     """Write `out_path`: each record of `files` plus the reference's log-probs of its two sides
     (records the `too_long='skip'` policy drops are copied without them, and dropped again when read).

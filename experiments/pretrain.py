@@ -18,17 +18,15 @@ import dataclasses
 import os
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import checkpoint, loop, optim, runtime, sharding
-from jaxlm.data import packing, pipeline
+from jaxlm.data import pipeline
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.model import Model
-from jaxlm.steps import lm
 from jaxlm.train_state import abstract_train_state, create_train_state, state_shardings
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/pretrain_tiny.py", "Experiment config.")
@@ -89,26 +87,17 @@ def main(argv):
           f"{steps} steps of {cfg.data.batch_size}×{cfg.data.seq_len} tokens", flush=True)
 
     state_sh = state_shardings(model, optimizer, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
-    with sharding.use_rules(mesh):
-        train_step = jax.jit(lm.make_train_step(model, optimizer, schedule, grad_accum=cfg.train.grad_accum),
-                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-        eval_step = jax.jit(lm.make_eval_step(model), in_shardings=(state_sh.params, batch_sh))
-    place = lambda batch: sharding.global_batch(batch, mesh)
-    empty_shape = (common.local_batch_size(cfg), cfg.data.seq_len)
+    train_step, held_out = common.lm_steps(cfg, model, optimizer, schedule, mesh, state_sh)
 
     def evaluate(state, step):
-        batches = lm_iterator(cfg, valid_files, tokenizer, train=False)
-        return common.lm_eval_metrics(loop.sum_batches(
-            lambda batch: eval_step(state.params, batch), batches, place=place, max_batches=cfg.train.eval_batches,
-            empty=lambda: {k: np.zeros(empty_shape, np.int32) for k in packing.FEATURES}))
+        return held_out(state.params, lm_iterator(cfg, valid_files, tokenizer, train=False))
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
     meta = {"stage": "pretrain", "model": dataclasses.asdict(model_cfg),
             "tokenizer": os.path.join(workdir, "tokenizer.model"), "config": cfg.to_dict()}
     outcome = loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="pretrain", step_fn=train_step,
-        batches=lm_iterator(cfg, train_files, tokenizer, train=True), place=place, mesh=mesh,
+        batches=lm_iterator(cfg, train_files, tokenizer, train=True), place=common.placer(mesh), mesh=mesh,
         init_state=lambda: create_train_state(model, optimizer, mesh, cfg.train.seed)[0],
         abstract_state=abstract_train_state(model, optimizer, state_sh), meta=meta,
         evaluate=evaluate if valid_files else None, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,

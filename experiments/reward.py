@@ -20,7 +20,6 @@ Running the same command again resumes (SIGTERM saves first); a finished run jus
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -31,7 +30,6 @@ from ml_collections import config_flags
 from experiments import common
 from jaxlm import checkpoint, init_source, loop, optim, runtime, sharding
 from jaxlm.data import chat, preferences
-from jaxlm.data.sources import DocumentSource
 from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel, normalize_head
 from jaxlm.steps import reward

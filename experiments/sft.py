@@ -28,10 +28,9 @@ from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import checkpoint, init_source, loop, optim, runtime, sharding
-from jaxlm.data import chat, packing, sft
+from jaxlm.data import chat, sft
 from jaxlm.data.sources import DocumentSource
 from jaxlm.model import Model
-from jaxlm.steps import lm
 from jaxlm.train_state import abstract_train_state, state_shardings
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/sft_tiny.py", "Experiment config.")
@@ -143,13 +142,7 @@ def main(argv):
           f"{cfg.data.batch_size}×{cfg.data.seq_len} tokens; {len(train_examples)} training conversations", flush=True)
 
     state_sh = state_shardings(model, optimizer, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
-    with sharding.use_rules(mesh):
-        train_step = jax.jit(lm.make_train_step(model, optimizer, schedule, grad_accum=cfg.train.grad_accum),
-                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-        eval_step = jax.jit(lm.make_eval_step(model), in_shardings=(state_sh.params, batch_sh))
-    place = lambda batch: sharding.global_batch(batch, mesh)
-    empty_shape = (common.local_batch_size(cfg), cfg.data.seq_len)
+    train_step, held_out = common.lm_steps(cfg, model, optimizer, schedule, mesh, state_sh)
     judge_records = []
     if files["tinyworld"] and cfg.eval.judge:
         judge_records = common.read_prompts(files["prompts"], limit=cfg.eval.max_prompts)
@@ -159,10 +152,7 @@ def main(argv):
     def evaluate(state, step):
         values = {}
         if valid_examples is not None:
-            values = common.lm_eval_metrics(loop.sum_batches(
-                lambda batch: eval_step(state.params, batch), sft_iterator(cfg, valid_examples, tokenizer, train=False),
-                place=place, max_batches=cfg.train.eval_batches,
-                empty=lambda: {k: np.zeros(empty_shape, np.int32) for k in packing.FEATURES}))
+            values = held_out(state.params, sft_iterator(cfg, valid_examples, tokenizer, train=False))
         if samples:
             report = write_samples(cfg, model, state.params, tokenizer, samples, workdir, step, mesh)
             values["samples"] = report.replace("\n", "  \n")  # TensorBoard's text tab (markdown)
@@ -197,7 +187,7 @@ def main(argv):
             "config": cfg.to_dict(), "init_from": cfg.init_from}
     outcome = loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="sft", step_fn=train_step,
-        batches=sft_iterator(cfg, train_examples, tokenizer, train=True), place=place, mesh=mesh,
+        batches=sft_iterator(cfg, train_examples, tokenizer, train=True), place=common.placer(mesh), mesh=mesh,
         init_state=lambda: common.initial_train_state(
             cfg, common.init_from_or_fresh(cfg, model.init, mesh, state_sh.params), optimizer, state_sh),
         abstract_state=abstract_train_state(model, optimizer, state_sh), meta=meta, evaluate=evaluate,
