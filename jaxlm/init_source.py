@@ -34,7 +34,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import checkpoint, runtime
+from jaxlm import checkpoint, sharding
 from jaxlm.hf_tokenizer import HFTokenizer, load_tokenizer
 
 HF_PREFIX = "hf:"
@@ -162,7 +162,7 @@ def save_tokenizer(tokenizer, workdir: str) -> str:
             with open(tmp, "wb") as f:
                 f.write(proto)
             os.replace(tmp, path)
-    runtime.barrier("save-tokenizer")
+    sharding.barrier("save-tokenizer")
     return path
 
 

@@ -232,7 +232,7 @@ def sum_batches(eval_fn: Callable[[Any], Any], batches: Iterator, *, empty: Call
     count = 0
     while not max_batches or count < max_batches:
         batch = next(batches, None)
-        if not runtime.any_process(batch is not None):
+        if not sharding.any_process(batch is not None):
             break
         sums = jax.device_get(eval_fn(place(empty() if batch is None else batch)))
         items = sums.items() if isinstance(sums, Mapping) else ((str(i), s) for i, s in enumerate(sums))

@@ -15,11 +15,10 @@ import sys
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags, logging
-from jax.experimental import multihost_utils
 
 from jaxlm import sharding
+from jaxlm.sharding import any_process, barrier, host_copy  # the binaries' multi-host helpers
 
 
 def start(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> str:
@@ -47,27 +46,6 @@ def every(step: int, period: int) -> bool:
 def mesh_from_config(cfg: ml_collections.ConfigDict):
     m = cfg.mesh
     return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
-
-
-def barrier(name: str):
-    """All processes wait here (e.g. until process 0 has written a tokenizer)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def any_process(flag: bool) -> bool:
-    """True if `flag` is True on any process. A collective: every process must call it."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
-
-
-def host_copy(tree):
-    """Numpy copies of whole arrays on every process's host, also when they are sharded across
-    processes (then an all-gather: every process must call it)."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def config_dict(obj) -> dict:

@@ -1,4 +1,5 @@
-"""The device mesh, the logical→mesh rules table, sharded initialisation and multi-host start-up.
+"""The device mesh, the logical→mesh rules table, sharded initialisation, multi-host start-up and
+the multi-host helpers (`barrier`, `any_process`, `host_copy`).
 
 One mesh with three named axes serves every stage:
 - `data`: plain data parallelism (parameters replicated);
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -169,6 +171,27 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
         jax.distributed.initialize()
         return True
     return False
+
+
+def barrier(name: str):
+    """All processes wait here (e.g. until process 0 has written a tokenizer)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is True on any process. A collective: every process must call it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def host_copy(tree):
+    """Numpy copies of whole arrays on every process's host, also when they are sharded across
+    processes (then an all-gather: every process must call it)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def describe(mesh: Mesh) -> str:
