@@ -231,7 +231,7 @@ class Pipeline:
         return path
 
     def stage_evaluate(self):
-        from jaxlm import report
+        from experiments import report
         report.evaluate_and_report(self.dir, self.data_dir, self.cfg.evaluate, self._read_timings())
 
 

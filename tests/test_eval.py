@@ -92,7 +92,7 @@ def test_sampled_gold_is_the_judge_mean_over_the_samples(setup):
 
 
 def test_paired_difference_by_hand():
-    from jaxlm import report
+    from experiments import report
 
     model = [{"gold": 1.0}, {"gold": 0.5}, {"gold": 0.0}]
     sft = [{"gold": 0.0}, {"gold": 0.5}, {"gold": 0.5}]
@@ -107,7 +107,7 @@ def test_report_red_team_prompts_are_held_out(tmp_path):
     training-side red-team prompts (which CAI revises) and distinct among themselves."""
     import json
 
-    from jaxlm import report
+    from experiments import report
     from jaxlm.data.tinyworld import tasks, world as W
 
     (tmp_path / "summary.json").write_text(json.dumps({"seed": 3}))

@@ -20,7 +20,13 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
+
+from jaxlm import checkpoint, eval as eval_lib
+from jaxlm.data.tinyworld import tasks, world as W
+from jaxlm.model import ModelConfig
+from jaxlm.reward_model import ScalarHeadModel
 
 MODELS = (("base", "pretrain"), ("SFT", "sft"), ("PPO", "ppo"), ("DPO", "dpo"), ("CAI", "cai"))
 
@@ -55,19 +61,12 @@ def heldout_redteam_prompts(data_dir: str, num: int) -> list[str]:
     AI critiques and revises, so measuring CAI on them would measure memorisation."""
     if num <= 0:
         return []
-    from jaxlm.data.tinyworld import tasks, world as W
-
     seed = _read_json(os.path.join(data_dir, "summary.json")).get("seed", 0)
     return tasks.eval_prompts(W.World.generate(seed), num, seed, families=("redteam",))["redteam"]
 
 
 def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str, Any]]:
     """{model name: {"summary", "records", "redteam"}} for every finished policy stage."""
-    import jax
-
-    from jaxlm import checkpoint, eval as eval_lib
-    from jaxlm.reward_model import ScalarHeadModel
-
     prompts = _read_jsonl(os.path.join(data_dir, "eval_prompts.jsonl"))
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
@@ -78,7 +77,6 @@ def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str
         reference = (ref_model, ref_params)
     if _finished(pipeline_dir, "reward"):
         rm_params, rm_meta = checkpoint.load_params(os.path.join(pipeline_dir, "reward"))
-        from jaxlm.model import ModelConfig
         reward = (ScalarHeadModel(ModelConfig(**rm_meta["model"])), rm_params)
 
     results = {}
