@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, eval as eval_lib
+from jaxlm import checkpoint, eval as eval_lib, init_source
 from jaxlm.data.tinyworld import tasks, world as W
 from jaxlm.model import ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
@@ -73,7 +73,7 @@ def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str
     redteam = heldout_redteam_prompts(data_dir, cfg.redteam_prompts)
     reference = reward = None
     if _finished(pipeline_dir, "sft"):
-        ref_model, ref_params, _ = checkpoint.load_for_inference(os.path.join(pipeline_dir, "sft"))
+        ref_model, ref_params, _ = init_source.load_for_inference(os.path.join(pipeline_dir, "sft"))
         reference = (ref_model, ref_params)
     if _finished(pipeline_dir, "reward"):
         rm_params, rm_meta = checkpoint.load_params(os.path.join(pipeline_dir, "reward"))
@@ -85,7 +85,7 @@ def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str
             continue
         print(f"evaluating {name} ({stage}) on {len(prompts)} prompts and {len(redteam)} red-team prompts ...",
               flush=True)
-        model, params, tokenizer = checkpoint.load_for_inference(os.path.join(pipeline_dir, stage))
+        model, params, tokenizer = init_source.load_for_inference(os.path.join(pipeline_dir, stage))
         common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, rng=jax.random.PRNGKey(0))
         main = eval_lib.evaluate_policy(model, params, tokenizer, [p["prompt"] for p in prompts],
                                         families=[p["family"] for p in prompts], reference=reference, reward=reward,

@@ -16,8 +16,11 @@ array's saved shards and reassembles them into the target shardings). `data` can
 of n reads records i, i+n, ... of the source, so a position in one layout's shards means nothing
 in another's. A checkpoint written by a different number of processes therefore restores its
 state, leaves the iterator where it was, warns, and sets `data_state_restored = False`; the
-binaries then replay the new layout's iterator up to the restored step (see
-experiments/pretrain.py), which puts it exactly where a run with the new layout would be.
+training loop then replays the new layout's iterator up to the restored step (`jaxlm.loop`),
+which puts it exactly where a run with the new layout would be.
+
+Only jaxlm's own checkpoint directories are read here; `jaxlm.init_source` is where a run
+directory or a Hugging Face directory (`hf:PATH`) becomes a model, its weights and a tokenizer.
 """
 
 from __future__ import annotations
@@ -171,26 +174,3 @@ def load_params(path: str, step: int | None = None, *, item: str = "params", sha
     restored = checkpointer.restore(state_dir, target)
     return restored[item], meta
 
-
-def load_for_inference(path: str, step: int | None = None):
-    """(model, params, tokenizer) from a run's workdir, or from a Hugging Face directory given as
-    'hf:PATH', for sampling and evaluation.
-
-    The tokenizer is whatever the run recorded in its meta: jaxlm's SentencePiece model or a
-    Hugging Face tokenizer directory (runs started from `hf:`), both read by
-    `hf_tokenizer.load_tokenizer`.
-    """
-    from jaxlm.hf_tokenizer import load_tokenizer
-    from jaxlm.model import Model, ModelConfig
-
-    if path.startswith("hf:"):
-        if step is not None:
-            raise ValueError(f"{path} is a Hugging Face directory: it has no checkpoint steps")
-        from jaxlm import init_source
-
-        params, meta = init_source.load_params(path)
-    else:
-        params, meta = load_params(path, step)
-    model = Model(ModelConfig(**meta["model"]))
-    tokenizer = load_tokenizer(meta["tokenizer"])
-    return model, params, tokenizer

@@ -11,6 +11,10 @@ works wherever `--config.init_from=SFT_WORKDIR` does, and each binary changes by
     tokenizer = init_source.copy_tokenizer(meta, workdir)         # into this run's workdir
     params, _ = init_source.load_params(cfg.init_from, shardings=state_sh.params)
 
+For sampling and evaluation, `load_for_inference(path)` answers all three at once: (model,
+params, tokenizer). This is the one loader of "a jaxlm run directory or hf:PATH";
+`jaxlm.checkpoint` knows only jaxlm's own checkpoint directories.
+
 A jaxlm source is a run's workdir (or its checkpoints/ directory): the newest checkpoint's meta,
 and `checkpoint.load_params`. A Hugging Face source is `hf:` + a local model directory: meta is
 made up from config.json (`stage` is "hf", or "reward" for a ...ForSequenceClassification
@@ -34,15 +38,16 @@ from typing import Any
 
 import jax
 
-from jaxlm import checkpoint, sharding
+from jaxlm import checkpoint, hf, sharding
 from jaxlm.hf_tokenizer import HFTokenizer, load_tokenizer
+from jaxlm.model import Model, ModelConfig
 
 HF_PREFIX = "hf:"
 TOKENIZER_DIR = "tokenizer"  # <workdir>/tokenizer/: a Hugging Face tokenizer's files
 TOKENIZER_MODEL = "tokenizer.model"  # <workdir>/tokenizer.model: a jaxlm SentencePiece model
 
-__all__ = ["is_hf", "load_meta", "load_params", "load_tokenizer", "copy_tokenizer", "save_tokenizer",
-           "workdir_tokenizer", "same_tokenizer", "fingerprint"]
+__all__ = ["is_hf", "load_meta", "load_params", "load_for_inference", "load_tokenizer", "copy_tokenizer",
+           "save_tokenizer", "workdir_tokenizer", "same_tokenizer", "fingerprint"]
 
 
 def is_hf(path: str) -> bool:
@@ -51,8 +56,6 @@ def is_hf(path: str) -> bool:
 
 
 def _hf_dir(path: str, flag: str) -> str:
-    from jaxlm import hf
-
     directory = os.path.abspath(hf.strip_prefix(str(path)))
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"--config.{flag}={path}: {directory} is not a Hugging Face model directory "
@@ -72,8 +75,6 @@ def load_meta(path: str, flag: str = "init_from") -> dict:
     if not path:
         raise ValueError(f"--config.{flag} is empty")
     if is_hf(path):
-        from jaxlm import hf
-
         directory = _hf_dir(path, flag)
         hf_config = hf.read_hf_config(directory)
         cfg = hf.model_config_from_hf(hf_config)
@@ -105,15 +106,31 @@ def load_params(path: str, *, shardings: Any = None, item: str = "params", flag:
     """
     if not is_hf(path):
         return checkpoint.load_params(path, item=item, shardings=shardings)
-    from jaxlm import hf
-    from jaxlm.model import ModelConfig
-
     if item != "params":
         raise ValueError(f"--config.{flag}={path}: a Hugging Face directory has no {item!r}, only params")
     meta = load_meta(path, flag)
     cfg = ModelConfig(**meta["model"])
     reward = meta["stage"] == "reward"
     return hf.load_params(meta["hf"], cfg, score_head=reward, shardings=shardings), meta
+
+
+def load_for_inference(path: str, step: int | None = None) -> tuple[Model, Any, Any]:
+    """(model, params, tokenizer) from a run's workdir, or from a Hugging Face directory given as
+    'hf:PATH', for sampling and evaluation; `step` picks a checkpoint of a run (default: the newest).
+
+    The tokenizer is whatever the run recorded in its meta: jaxlm's SentencePiece model or a
+    Hugging Face tokenizer directory (runs started from `hf:`), both read by
+    `hf_tokenizer.load_tokenizer`.
+    """
+    if is_hf(path):
+        if step is not None:
+            raise ValueError(f"{path} is a Hugging Face directory: it has no checkpoint steps")
+        params, meta = load_params(path)
+    else:
+        params, meta = checkpoint.load_params(path, step)
+    model = Model(ModelConfig(**meta["model"]))
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    return model, params, tokenizer
 
 
 def fingerprint(path: str) -> dict:

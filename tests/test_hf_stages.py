@@ -233,7 +233,7 @@ def test_sft_reward_dpo_ppo_from_hf_and_export(hf_dir, tok, tmp_path):
     # Export the SFT result: transformers loads it and computes the same logits; same chat prompt ids.
     exported = tmp_path / "exported"
     _run("tools.hf_export", f"--checkpoint={sft_dir}", f"--out={exported}")
-    model, params, _ = checkpoint.load_for_inference(str(sft_dir))
+    model, params, _ = init_source.load_for_inference(str(sft_dir))
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
     ids = chat.encode_example(tok, "What colour is the hat?", "The hat is blue.")[0]
     with torch.no_grad():

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import jax
 from absl import app, flags, logging
 
-from jaxlm import checkpoint
+from jaxlm import init_source
 from jaxlm.data import chat
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of the run to sample from (SFT).", required=True)
@@ -93,7 +93,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every read at INFO
         logging.set_verbosity(logging.WARNING)
 
-    model, params, tokenizer = checkpoint.load_for_inference(_CHECKPOINT.value)
+    model, params, tokenizer = init_source.load_for_inference(_CHECKPOINT.value)
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     splits = {"train": _read_prompts(os.path.join(_DATA_DIR.value, "rl_prompts.jsonl"), _TRAIN_PROMPTS.value),
               "valid": _read_prompts(os.path.join(_DATA_DIR.value, "preferences_valid.jsonl"), _VALID_PROMPTS.value)}

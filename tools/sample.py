@@ -15,8 +15,10 @@ import json
 import jax
 from absl import app, flags
 
+from jaxlm import init_source, sampling
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Checkpoint directory (anything jaxlm.checkpoint.load_for_inference reads).")
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory (anything jaxlm.init_source.load_for_inference reads).")
 flags.DEFINE_string("prompt", None, "One prompt.")
 flags.DEFINE_string("prompts_file", None, "Prompts: .jsonl with a 'prompt' field, or .txt with one per line.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (at most).")
@@ -55,10 +57,7 @@ def main(argv):
         read_prompts(FLAGS.prompts_file) if FLAGS.prompts_file else [])
     if not prompts:
         raise app.UsageError("give --prompt or --prompts_file")
-    # Imported here so that --help works before the checkpoint module exists in a checkout.
-    from jaxlm import checkpoint, sampling
-
-    model, params, tokenizer = checkpoint.load_for_inference(FLAGS.checkpoint)
+    model, params, tokenizer = init_source.load_for_inference(FLAGS.checkpoint)
     rng = jax.random.key(FLAGS.seed)
     for start in range(0, len(prompts), FLAGS.batch_size):
         chunk = prompts[start:start + FLAGS.batch_size]
