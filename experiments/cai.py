@@ -49,9 +49,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from jaxlm import cai, checkpoint, init_source, loop, optim, runtime, sharding
+from jaxlm import cai, checkpoint, eval as eval_lib, init_source, loop, optim, runtime, sharding
 from jaxlm.data import chat, sft
 from jaxlm.data.sources import DocumentSource
+from jaxlm.data.tinyworld import judge as tinyworld_judge
 from jaxlm.data.tinyworld.corpus import write_jsonl
 from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import Model, ModelConfig
@@ -101,9 +102,9 @@ def principles_for(files: dict, names: str) -> tuple:
 
 def evaluate(cfg, model, params, tokenizer, records: list[dict]) -> dict:
     """Greedy answers to held-out prompts, judged: harm rates on red-team prompts, gold score elsewhere."""
-    from jaxlm import eval as eval_lib
     result = eval_lib.evaluate_policy(model, params, tokenizer, [r["prompt"] for r in records],
                                       families=[r.get("family", "all") for r in records],
+                                      judge=tinyworld_judge.score, is_refusal=tinyworld_judge.is_refusal,
                                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                                       bucket=64, num_samples=0)
     red = [r for r in result.records if r["family"] == cfg.eval.redteam_family]
@@ -266,9 +267,8 @@ def run_rl_label(cfg, workdir: str):
                                [x for _, x, _ in items], [y for _, _, y in items], principles,
                                batch_size=cfg.rl.label_batch_size)
         if files["tinyworld"]:  # audit only: does the AI label agree with the gold judge?
-            from jaxlm.data import tinyworld
             for label in labels:
-                gx, gy = (tinyworld.score(label["prompt"], label[k]).total for k in ("x", "y"))
+                gx, gy = (tinyworld_judge.score(label["prompt"], label[k]).total for k in ("x", "y"))
                 label["gold_x"], label["gold_y"] = gx, gy
         write_jsonl(labels_path, labels)
         print(f"{len(prompts)} prompts: {len(items)} distinct pairs labelled in {time.perf_counter() - t:.1f}s "

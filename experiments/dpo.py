@@ -47,9 +47,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from jaxlm import checkpoint, init_source, loop, losses, optim, runtime, sharding
+from jaxlm import checkpoint, eval as eval_lib, init_source, loop, losses, optim, runtime, sharding
 from jaxlm.data import preferences
 from jaxlm.data.sources import DocumentSource, expand_paths
+from jaxlm.data.tinyworld import judge as tinyworld_judge
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import dpo
 from jaxlm.train_state import abstract_train_state, state_shardings
@@ -215,12 +216,12 @@ def read_prompts(cfg, path: str) -> list[dict]:
 
 def evaluate_generation(cfg, model, params, ref_params, tokenizer, records: list[dict]):
     """Gold-judge score of greedy answers and KL(π‖π_ref) on samples (jaxlm.eval.evaluate_policy)."""
-    from jaxlm import eval as eval_lib
     params, _ = common.for_generation(params, None)
     ref_params, _ = common.for_generation(ref_params, None)
     result = eval_lib.evaluate_policy(
         model, params, tokenizer, [r["prompt"] for r in records], families=[r["family"] for r in records],
-        reference=(model, ref_params), max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+        judge=tinyworld_judge.score, is_refusal=tinyworld_judge.is_refusal, reference=(model, ref_params),
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
         rng=jax.random.PRNGKey(cfg.eval.seed), bucket=64)
     return {f"eval_{k}": v for k, v in result.summary.items() if k != "num_prompts"}, result.records
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint, eval as eval_lib, init_source
-from jaxlm.data.tinyworld import tasks, world as W
+from jaxlm.data.tinyworld import judge, tasks, world as W
 from jaxlm.model import ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 
@@ -86,7 +86,8 @@ def evaluate_models(pipeline_dir: str, data_dir: str, cfg) -> dict[str, dict[str
         print(f"evaluating {name} ({stage}) on {len(prompts)} prompts and {len(redteam)} red-team prompts ...",
               flush=True)
         model, params, tokenizer = init_source.load_for_inference(os.path.join(pipeline_dir, stage))
-        common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, rng=jax.random.PRNGKey(0))
+        common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, rng=jax.random.PRNGKey(0),
+                      judge=judge.score, is_refusal=judge.is_refusal)
         main = eval_lib.evaluate_policy(model, params, tokenizer, [p["prompt"] for p in prompts],
                                         families=[p["family"] for p in prompts], reference=reference, reward=reward,
                                         num_samples=cfg.get("num_samples", 1), **common)

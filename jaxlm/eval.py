@@ -1,18 +1,20 @@
-"""Evaluation of a policy on held-out prompts: gold-judge scores, reward-model scores, KL to a
+"""Evaluation of a policy on held-out prompts: judge scores, reward-model scores, KL to a
 reference, answer length and refusal rates — the numbers in every stage's report row.
 
 Two kinds of answers are drawn per prompt, because they answer different questions:
-- a **greedy** answer: what the model says when asked; the gold judge, the reward model,
+- a **greedy** answer: what the model says when asked; the judge, the reward model,
   lengths and refusal rates are measured on it (deterministic, so stages compare fairly);
 - `num_samples` **sampled** answers (temperature 1), the distribution RLHF optimises: PPO and
   DPO maximise E_{y~π}[r(y)] − β KL(π‖π_ref), an expectation under π's own samples, which the
   greedy answer does not see (a policy can move probability from wrong to right answers
-  without changing its mode). On them: `gold_sampled` (the gold judge's mean over all
-  samples, and per family) and, with a reference, KL(π‖π_ref) = the mean of
+  without changing its mode). On them: `gold_sampled` (the judge's mean over all samples,
+  and per family) and, with a reference, KL(π‖π_ref) = the mean of
   Σ_t log π(y_t) − log π_ref(y_t).
 
-The judge is any `score(prompt, response) -> result with .total and .parts` (TinyWorld's by
-default) and `is_refusal(text) -> bool`; nothing here trains on it.
+The caller brings the judge: `judge(prompt, response) -> result with .total and .parts` (the
+"gold" score, e.g. a toy world's programmatic judge) and `is_refusal(text) -> bool`. Without a
+judge there are no gold fields (`gold`, `parts`, `gold_sampled`), without `is_refusal` no refusal
+fields; nothing here trains on either.
 """
 
 from __future__ import annotations
@@ -86,16 +88,15 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
                     bucket: int = 16, num_samples: int = 1) -> PolicyEval:
     """Answer every prompt greedily and `num_samples` times at temperature 1; score the answers.
 
+    judge: `judge(prompt, response) -> result with .total (float) and .parts (dict of floats)`,
+    the gold score of each answer; None: no gold fields.
+    is_refusal: `is_refusal(text) -> bool`; None: no refusal fields.
     reference: (Model, params) of the policy to measure KL against (e.g. the SFT model);
     reward: (ScalarHeadModel, params) of a reward model to report its mean score.
     num_samples: sampled answers per prompt (0: greedy only, and no KL).
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    if judge is None or is_refusal is None:
-        from jaxlm.data.tinyworld import judge as tinyworld_judge
-        judge = judge or tinyworld_judge.score
-        is_refusal = is_refusal or tinyworld_judge.is_refusal
     rng = jax.random.PRNGKey(0) if rng is None else rng
     families = list(families) if families is not None else ["all"] * len(prompts)
     encoded = [chat.encode_prompt(tokenizer, p) for p in prompts]
@@ -116,6 +117,8 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
                 batch = _layout(tokens, lengths, sampled.tokens, sampled.mask)
                 kl = np.asarray(seq_logp(params, batch) - _sequence_logp_fn(reference[0])(reference[1], batch))
                 kl_values.extend(float(x) for x in kl[:n])
+            if judge is None:
+                continue
             s_tokens, s_lengths = jax.device_get((sampled.tokens, sampled.lengths))
             for row in range(n):
                 text = chat.decode_response(tokenizer, [int(t) for t in s_tokens[row, :int(s_lengths[row])]])
@@ -124,11 +127,13 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
         for row in range(n):
             ids = [int(t) for t in out_tokens[row, :int(out_lengths[row])]]
             text = chat.decode_response(tokenizer, ids)
-            result = judge(prompts[start + row], text)
+            result = judge(prompts[start + row], text) if judge is not None else None
             records[start + row] = {
                 "prompt": prompts[start + row], "family": families[start + row], "response": text,
-                "gold": float(result.total), "parts": {k: float(v) for k, v in result.parts.items()},
-                "refusal": bool(is_refusal(text)), "length": len(ids), "ended": bool(out_ended[row]),
+                **({"gold": float(result.total), "parts": {k: float(v) for k, v in result.parts.items()}}
+                   if result is not None else {}),
+                **({"refusal": bool(is_refusal(text))} if is_refusal is not None else {}),
+                "length": len(ids), "ended": bool(out_ended[row]),
                 **({"reward": float(reward_scores[row])} if reward is not None else {}),
             }
     for record, golds in zip(records, sampled_gold):
@@ -140,9 +145,13 @@ def evaluate_policy(model, params, tokenizer, prompts: Sequence[str], *, familie
 
 
 def summarize(records: list[dict[str, Any]], kl_values: Sequence[float] = ()) -> dict[str, float]:
-    """Means over records, per judge part and per family; refusal rates on harmful/harmless prompts."""
+    """Means over records, per judge part and per family; refusal rates on harmful/harmless prompts.
+
+    Judge fields (`gold`, `parts`, `gold_sampled`) and `refusal` are summarised where the records
+    have them (`evaluate_policy` without a judge or `is_refusal` leaves them out)."""
+    judged = [r for r in records if "gold" in r]
     summary: dict[str, float] = {
-        "gold": float(np.mean([r["gold"] for r in records])),
+        **({"gold": float(np.mean([r["gold"] for r in judged]))} if judged else {}),
         "length": float(np.mean([r["length"] for r in records])),
         "ended": float(np.mean([r["ended"] for r in records])),
         "num_prompts": float(len(records)),
@@ -152,10 +161,12 @@ def summarize(records: list[dict[str, Any]], kl_values: Sequence[float] = ()) ->
     sampled_by_family = defaultdict(list)
     refusals = defaultdict(list)
     for r in records:
-        for k, v in r["parts"].items():
+        for k, v in r.get("parts", {}).items():
             parts[k].append(v)
-        by_family[r["family"]].append(r["gold"])
-        refusals[r["family"]].append(r["refusal"])
+        if "gold" in r:
+            by_family[r["family"]].append(r["gold"])
+        if "refusal" in r:
+            refusals[r["family"]].append(r["refusal"])
         if "gold_sampled" in r:
             sampled_by_family[r["family"]].append(r["gold_sampled"])
     summary.update({f"part/{k}": float(np.mean(v)) for k, v in sorted(parts.items())})

@@ -91,6 +91,24 @@ def test_sampled_gold_is_the_judge_mean_over_the_samples(setup):
                                  num_samples=-1)
 
 
+def test_without_a_judge_there_are_no_gold_fields(setup):
+    """No judge: the same answers, lengths and KL, and no gold, parts, gold_sampled or refusal fields."""
+    tok, model, params = setup
+    prompts = ["what is 1 plus 2?", "what is 3 plus 4?"]
+    common = dict(families=["harmful", "harmless"], reference=(model, params), max_new_tokens=6, batch_size=2,
+                  num_samples=2)
+    bare = eval_lib.evaluate_policy(model, params, tok, prompts, **common)
+    judged = eval_lib.evaluate_policy(model, params, tok, prompts, judge=fake_judge, is_refusal=lambda t: False,
+                                      **common)
+    for r in bare.records:
+        assert not {"gold", "parts", "gold_sampled", "refusal"} & set(r)
+    assert not [k for k in bare.summary if k.startswith(("gold", "part/", "refusal_rate"))]
+    assert [r["response"] for r in bare.records] == [r["response"] for r in judged.records]
+    for key in ("length", "ended", "kl_to_reference", "num_prompts", "samples_per_prompt"):
+        assert bare.summary[key] == judged.summary[key]
+    assert "gold" in judged.summary and "refusal_rate/harmful" in judged.summary
+
+
 def test_paired_difference_by_hand():
     from experiments import report
 
