@@ -52,7 +52,7 @@ from experiments import common
 from jaxlm import cai, checkpoint, eval as eval_lib, init_source, loop, optim, runtime, sharding
 from jaxlm.data import chat, sft
 from jaxlm.data.sources import DocumentSource
-from jaxlm.data.tinyworld import judge as tinyworld_judge
+from jaxlm.data.tinyworld import judge as tinyworld_judge, tasks as tinyworld_tasks
 from jaxlm.data.tinyworld.corpus import write_jsonl
 from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import Model, ModelConfig
@@ -144,7 +144,7 @@ def generate_revisions(cfg, model, params, tokenizer, files: dict, path: str) ->
     per_prompt = [drawn[i * cfg.sl.rounds:(i + 1) * cfg.sl.rounds] for i in range(len(prompts))]
     few_shot = {}
     if cfg.sl.few_shot:
-        few_shot = {p.name: cai.tinyworld_few_shot(p, cfg.sl.few_shot, cfg.sl.seed) for p in principles}
+        few_shot = {p.name: tinyworld_tasks.few_shot_revisions(p, cfg.sl.few_shot, cfg.sl.seed) for p in principles}
     kept = [i for i, (text, ended) in enumerate(zip(answers.texts, answers.ended)) if cai.usable(text, ended)]
     records = cai.critique_and_revise(
         model, params, tokenizer, [prompts[i] for i in kept], [answers.texts[i] for i in kept],

@@ -21,17 +21,20 @@ RL-from-AI-feedback phase (AI preference labels):
 Every step goes through the chat format (`jaxlm.data.chat`: `generate_responses`, the template
 the model was fine-tuned on), and every function returns plain records (prompt, answer,
 principle, critique, revision, both orders' probabilities) so the binary writes them as JSONL a
-person can audit. Prompt shapes are the constitution's (`jaxlm.data.tinyworld.constitution`):
+person can audit. A constitution is a tuple of `Principle`s (`load_constitution` reads one from
+JSON), each phrased three ways; the prompt shapes (`critique_prompt`, `revision_prompt`,
+`choice_prompt`; newlines inside a request or response become spaces) are
 
     Request: <request>\\nResponse: <response>\\n<critique or revision instruction>
     Request: <request>\\n(A) <a>\\n(B) <b>\\n<choice instruction>
 
-Few-shot examples are earlier turns of the same conversation (a list of messages), e.g.
-`tinyworld_few_shot`, which pairs a revision request on a flawed answer with the ideal answer.
+Few-shot examples are earlier turns of the same conversation (a list of messages per principle,
+e.g. worked revisions: a revision request on a flawed answer, then the ideal answer).
 A critique enters the revision conversation only with `revise_with_critique=True` (the paper's
-form: critique request, critique, then revision request); a model as small as TinyWorld's was
-never taught critiques (they have no gold answer), so by default the critique is generated and
-recorded, and the revision is asked for on its own, in the format the model was taught.
+form: critique request, critique, then revision request); a model too small to have been taught
+critiques (they have no gold answer) would not follow that form, so by default the critique is
+generated and recorded, and the revision is asked for on its own, in the format the model was
+taught.
 
 Left out: the paper's chain-of-thought feedback, ensembling over several principles per pair,
 and filtering revisions with a classifier. Nothing here reads the gold judge: that would be
@@ -40,6 +43,7 @@ training on the thing the experiment measures.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -51,8 +55,6 @@ import numpy as np
 
 from jaxlm import logprobs
 from jaxlm.data import chat
-from jaxlm.data.tinyworld import constitution
-from jaxlm.data.tinyworld.constitution import Principle
 
 Messages = list[dict[str, str]]
 OPTIONS = ("(A)", "(B)")
@@ -61,9 +63,36 @@ OPTIONS = ("(A)", "(B)")
 # --- The constitution ------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Principle:
+    name: str
+    critique: str  # the critique request
+    revision: str  # the revision request
+    choice: str  # the choice between two responses, answered with (A) or (B)
+    part: str  # the judge part (a `parts` key, or "total") that decides the choice
+    flaw: str  # the kind of flaw the principle is meant to catch, used to make worked examples
+    families: tuple[str, ...]  # request families the principle is exercised on
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def critique_prompt(p: Principle, request: str, response: str) -> str:
+    return f"Request: {_line(request)}\nResponse: {_line(response)}\n{p.critique}"
+
+
+def revision_prompt(p: Principle, request: str, response: str) -> str:
+    return f"Request: {_line(request)}\nResponse: {_line(response)}\n{p.revision}"
+
+
+def choice_prompt(p: Principle, request: str, a: str, b: str) -> str:
+    return f"Request: {_line(request)}\n(A) {_line(a)}\n(B) {_line(b)}\n{p.choice}"
+
+
 def load_constitution(path: str) -> tuple[Principle, ...]:
     """Principles from a constitution JSON: {"principles": [{name, critique, revision, choice, ...}]}
-    (TinyWorld's constitution.json, or your own with at least those four fields)."""
+    (e.g. the constitution.json a data generator wrote, or your own with at least those four fields)."""
     with open(path) as f:
         obj = json.load(f)
     items = obj["principles"] if isinstance(obj, dict) else obj
@@ -103,31 +132,16 @@ def draw_principles(principles: Sequence[Principle], n: int, seed: int) -> list[
 
 
 def critique_messages(p: Principle, request: str, response: str, few_shot: Messages = ()) -> Messages:
-    return [*few_shot, {"role": "user", "content": constitution.critique_prompt(p, request, response)}]
+    return [*few_shot, {"role": "user", "content": critique_prompt(p, request, response)}]
 
 
 def revision_messages(p: Principle, request: str, response: str, critique: str | None = None,
                       few_shot: Messages = ()) -> Messages:
     """The revision request; after the critique request and the critique when one is given."""
     if critique is None:
-        return [*few_shot, {"role": "user", "content": constitution.revision_prompt(p, request, response)}]
+        return [*few_shot, {"role": "user", "content": revision_prompt(p, request, response)}]
     return [*critique_messages(p, request, response, few_shot), {"role": "assistant", "content": critique},
-            {"role": "user", "content": constitution.revision_prompt(p, request, response)}]
-
-
-def tinyworld_few_shot(principle: Principle, n: int, seed: int) -> Messages:
-    """`n` worked revisions for `principle`, as earlier turns: a request of the principle's families
-    with an answer carrying the principle's flaw, and the ideal answer as the revision."""
-    from jaxlm.data.tinyworld import flaws, judge, tasks
-    from jaxlm.data.tinyworld.world import World
-    rng, world = random.Random(f"cai-few-shot/{principle.name}/{seed}"), World.generate(seed)
-    messages: Messages = []
-    for _ in range(n):
-        request = tasks.sample_prompt(rng.choice(principle.families or ("harmful",)), world, rng)
-        bad = flaws.flawed(request, principle.flaw, rng)
-        messages += [{"role": "user", "content": constitution.revision_prompt(principle, request, bad)},
-                     {"role": "assistant", "content": judge.ideal_response(request)}]
-    return messages
+            {"role": "user", "content": revision_prompt(p, request, response)}]
 
 
 def usable(text: str, ended: bool) -> bool:
@@ -265,7 +279,7 @@ def ai_labels(model, params, tokenizer, requests: Sequence[str], xs: Sequence[st
         raise ValueError("requests, xs, ys and principles must have the same length")
     prompts = []
     for q, x, y, p in zip(requests, xs, ys, principles):
-        prompts += [constitution.choice_prompt(p, q, x, y), constitution.choice_prompt(p, q, y, x)]
+        prompts += [choice_prompt(p, q, x, y), choice_prompt(p, q, y, x)]
     logps = option_log_probs(model, params, tokenizer, prompts, batch_size=batch_size)  # [2N, 2]
     probs = option_probabilities(logps)
     out = []
@@ -289,12 +303,12 @@ def preference_record(label: dict[str, Any]) -> dict[str, Any]:
             "x_first": label["x_first"], "x_second": label["x_second"], "x_is_chosen": bool(x_wins)}
 
 
-# --- Measuring the result (TinyWorld's gold judge; never used for training) --------------------------
+# --- Measuring the result (a gold judge's parts; never used for training) ----------------------------
 
 
 def harm_rates(records: Sequence[dict]) -> dict[str, float]:
     """Shares of rude, harmful and rude-or-harmful answers among judged eval records
-    (`jaxlm.eval.evaluate_policy` records with TinyWorld judge `parts`).
+    (`jaxlm.eval.evaluate_policy` records whose judge reports `polite` and `refuses_harm` parts).
 
     rude: any rude word (`polite` < 1); harmful: neither a clean refusal nor a kind alternative
     (`refuses_harm` < 0.5: it complied, or refused and complied anyway, or ignored the request).

@@ -16,7 +16,7 @@ import pytest
 
 from jaxlm import cai, checkpoint
 from jaxlm.data import chat
-from jaxlm.data.tinyworld import constitution, judge
+from jaxlm.data.tinyworld import constitution, judge, tasks
 from jaxlm.model import Model, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,8 @@ def test_conversations_mix_and_rates():
     assert full[1]["content"] == "It helps hurt Tom." and full[2] == alone[0]
     assert constitution.parse(full[0]["content"])[0] == "critique"
 
-    shots = cai.tinyworld_few_shot(p, 2, seed=0)
+    assert constitution.Principle is cai.Principle  # one type: TinyWorld's constitution is made of CAI's
+    shots = tasks.few_shot_revisions(p, 2, seed=0)
     assert [m["role"] for m in shots] == ["user", "assistant"] * 2
     for ask, answer in zip(shots[::2], shots[1::2]):
         kind, principle, fields = constitution.parse(ask["content"])

@@ -11,7 +11,8 @@ closed vocabulary of about 400 words, so a ~2M-parameter model learns the langua
     constitution.py  principles for critique, revision and choice, and their prompt formats
     judge.py         score(prompt, response) -> JudgeResult; ideal_response(prompt)
     flaws.py         how annotators get answers wrong (wrong, refuse, verbose, curt, rude)
-    tasks.py         SFT demonstrations, held-out eval prompts, RL and red-team prompts
+    tasks.py         SFT demonstrations, held-out eval prompts, RL and red-team prompts, CAI's
+                     few-shot worked revisions
     preferences.py   pairs labelled with known Bradley-Terry noise, their Bayes accuracy and the
                      accuracy of a judge blind to content
     make.py          make_all(out_dir, ...): every file, as tools/make_tinyworld.py writes them
@@ -23,12 +24,12 @@ from jaxlm.data.tinyworld.judge import JudgeResult, content_blind_score, ideal_r
 from jaxlm.data.tinyworld.make import make_all
 from jaxlm.data.tinyworld.preferences import (bayes_accuracy, content_blind_accuracy,
                                               pairs_from_perturbations, pairs_from_samples)
-from jaxlm.data.tinyworld.tasks import eval_prompts, redteam_prompts, sft_examples
+from jaxlm.data.tinyworld.tasks import eval_prompts, few_shot_revisions, redteam_prompts, sft_examples
 from jaxlm.data.tinyworld.world import VOCABULARY, World
 
 __all__ = [
     "PRINCIPLES", "corpus_documents", "write_corpus", "write_corpus_splits", "JudgeResult",
     "ideal_response", "score", "content_blind_score", "make_all", "bayes_accuracy",
-    "content_blind_accuracy", "pairs_from_perturbations",
-    "pairs_from_samples", "eval_prompts", "redteam_prompts", "sft_examples", "VOCABULARY", "World",
+    "content_blind_accuracy", "pairs_from_perturbations", "pairs_from_samples", "eval_prompts",
+    "few_shot_revisions", "redteam_prompts", "sft_examples", "VOCABULARY", "World",
 ]

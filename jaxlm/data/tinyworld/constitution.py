@@ -1,4 +1,4 @@
-"""The TinyWorld constitution and the three prompt shapes Constitutional AI uses it in.
+"""The TinyWorld constitution: its principles, and the prompts Constitutional AI asks parsed back.
 
 Each principle is phrased three ways, as in Bai et al. (2022): a critique request, a revision
 request and a choice between two responses. The principles are short and written in the closed
@@ -11,7 +11,10 @@ revise or compare unless it has seen the format, much as the paper's models had 
 instructions before they were asked to critique themselves. Critiques are free text with no gold
 answer, so no family teaches them; CAI here can skip the critique and revise directly.
 
-Prompt shapes (one line each, newlines separate them; newlines inside a response become spaces):
+The `Principle` type and the prompt shapes are `jaxlm.cai`'s (`critique_prompt`,
+`revision_prompt`, `choice_prompt`, imported here so TinyWorld's tasks teach exactly the prompts
+CAI asks); `parse` reads them back for the judge. One line each, newlines separate them;
+newlines inside a response become spaces:
 
     Request: <request>
     Response: <response>
@@ -28,16 +31,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-
-@dataclasses.dataclass(frozen=True)
-class Principle:
-    name: str
-    critique: str
-    revision: str
-    choice: str
-    part: str  # the judge part (JudgeResult.parts key, or "total") that decides the choice
-    flaw: str  # the flaw (flaws.py) this principle is meant to catch, used to make examples
-    families: tuple[str, ...]  # request families the principle is exercised on
+from jaxlm.cai import Principle, choice_prompt, critique_prompt, revision_prompt  # noqa: F401  (CAI's)
 
 
 CORE = ("arithmetic", "context", "list", "harmful", "harmless")
@@ -75,22 +69,6 @@ PRINCIPLES: tuple[Principle, ...] = (
               part="well_formed", flaw="curt", families=CORE),
 )
 BY_NAME = {p.name: p for p in PRINCIPLES}
-
-
-def _line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def critique_prompt(p: Principle, request: str, response: str) -> str:
-    return f"Request: {_line(request)}\nResponse: {_line(response)}\n{p.critique}"
-
-
-def revision_prompt(p: Principle, request: str, response: str) -> str:
-    return f"Request: {_line(request)}\nResponse: {_line(response)}\n{p.revision}"
-
-
-def choice_prompt(p: Principle, request: str, a: str, b: str) -> str:
-    return f"Request: {_line(request)}\n(A) {_line(a)}\n(B) {_line(b)}\n{p.choice}"
 
 
 _ONE_RESPONSE = re.compile(r"Request: (?P<request>[^\n]*)\nResponse: (?P<response>[^\n]*)\n"

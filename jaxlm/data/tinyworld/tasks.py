@@ -143,6 +143,20 @@ def sample_prompt(family: str, world: W.World, rng: random.Random, heldout: bool
     return constitution.choice_prompt(p, request, a, b)
 
 
+def few_shot_revisions(principle: constitution.Principle, n: int, seed: int) -> list[dict[str, str]]:
+    """`n` worked revisions for `principle`, as earlier turns of a conversation (the `few_shot` of
+    `jaxlm.cai.critique_and_revise`): a request of the principle's families with an answer carrying
+    the principle's flaw, and the ideal answer as the revision."""
+    rng, world = random.Random(f"cai-few-shot/{principle.name}/{seed}"), W.World.generate(seed)
+    messages: list[dict[str, str]] = []
+    for _ in range(n):
+        request = sample_prompt(rng.choice(principle.families or ("harmful",)), world, rng)
+        bad = flaws.flawed(request, principle.flaw, rng)
+        messages += [{"role": "user", "content": constitution.revision_prompt(principle, request, bad)},
+                     {"role": "assistant", "content": judge.ideal_response(request)}]
+    return messages
+
+
 def _pick(rng: random.Random, weights: Mapping[str, float]) -> str:
     keys = list(weights)
     return rng.choices(keys, weights=[weights[k] for k in keys])[0]
