@@ -37,7 +37,7 @@ __all__ = [
     "next_token_targets",
     "token_log_probs",
     "token_cross_entropy",
-    "sequence_log_probs",
+    "sum_token_log_probs",
     "entropy_from_logits",
     "kl_k1",
     "kl_k2",
@@ -167,12 +167,13 @@ def token_cross_entropy(
     return loss_sum, jnp.sum(w)
 
 
-def sequence_log_probs(token_logps: Array, mask: Array) -> Array:
-    """Log-probability of each sequence: ``sum_t mask[t] * token_logps[t]`` -> ``[B]`` float32.
+def sum_token_log_probs(token_logps: Array, mask: Array) -> Array:
+    """Per-token log-probs summed over each row: ``sum_t mask[t] * token_logps[t]`` -> ``[B]`` float32.
 
     With ``mask`` the response-target weights, this is ``log pi(response | prompt)``: prompt
     and padding positions are excluded (DPO and the KL penalty are defined on the response only).
-    Positions with ``mask == 0`` are dropped with ``where``, so they may hold ``-inf``.
+    Positions with ``mask == 0`` are dropped with ``where``, so they may hold ``-inf``. (From a
+    model and a batch in one call: ``jaxlm.logprobs.sequence_log_probs``.)
     """
     m = _f32(mask)
     return jnp.sum(jnp.where(m > 0, _f32(token_logps) * m, 0.0), axis=-1)
@@ -368,7 +369,7 @@ def dpo_loss(
     - ``hinge`` (SLiC, Zhao et al. 2023): ``relu(1 - βΔ)``.
     - ``ipo`` (Azar et al. 2023): ``(Δ - 1/(2β))^2``, which regresses the margin to a finite
       target instead of pushing it to infinity; the IPO paper (and TRL) feed *length-averaged*
-      log-probs here, which is the caller's choice of ``sequence_log_probs`` normalisation.
+      log-probs here, which is the caller's choice of sequence log-prob normalisation.
 
     At policy == reference (Δ = 0): sigmoid, cdpo and robust give ln 2, hinge 1, IPO 1/(4β²).
     The reference log-probs are wrapped in ``stop_gradient``.

@@ -116,15 +116,15 @@ def test_sequence_log_prob_is_brute_force_sum_over_response_only():
     prompt_end = 5  # tokens[2:5] are the prompt, tokens[5:8] the response
     logits = rng.normal(size=(1, tokens.shape[1], V)).astype(np.float32)
     targets, weights = losses.next_token_targets(tokens, segment_ids, loss_mask)
-    seq = losses.sequence_log_probs(token_log_probs(logits, targets), weights)
+    seq = losses.sum_token_log_probs(token_log_probs(logits, targets), weights)
     lp = np_log_softmax(logits[0])
     want = sum(lp[t - 1, tokens[0, t]] for t in range(prompt_end, 8))
     np.testing.assert_allclose(seq, [want], rtol=1e-5)
 
 
-def test_sequence_log_probs_drops_masked_minus_inf():
+def test_sum_token_log_probs_drops_masked_minus_inf():
     logps = np.array([[-1.0, -2.0, -np.inf]], np.float32)
-    np.testing.assert_allclose(losses.sequence_log_probs(logps, np.array([[1, 1, 0]])), [-3.0])
+    np.testing.assert_allclose(losses.sum_token_log_probs(logps, np.array([[1, 1, 0]])), [-3.0])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
