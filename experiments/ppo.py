@@ -12,7 +12,7 @@ log-probs under the policy and the frozen reference (the SFT weights), values fr
 (started from the reward model), scores from the frozen reward model (minus a penalty for
 responses that never emit EOS) → per-token rewards −β·KL + score, GAE, whitening → epochs of
 shuffled minibatch PPO updates of policy and critic → β updated from the measured KL.
-All the pieces are in `jaxlm/steps/ppo.py`; this file is the loop around them.
+All the pieces are in `jaxlm/steps/ppo.py`; one iteration is the step of `jaxlm.loop`.
 
 Writes DIR/config.json, DIR/metrics.jsonl (one line per iteration: score, KL k1/k3 per sequence,
 β, entropy, losses, clip fractions, approx-KL, explained variance, response length, EOS share,
@@ -21,10 +21,14 @@ the first at step 0 for the SFT model itself), DIR/tensorboard/, DIR/samples.jso
 DIR/checkpoints/ (policy, critic, both optimizer states, KL controller, rng, prompt position;
 meta: stage, model, critic_model, tokenizer, config) and DIR/tokenizer.model. Running the same
 command again resumes from the newest checkpoint (SIGTERM saves one first); a resumed run is
-bitwise identical to an uninterrupted one. `checkpoint.load_for_inference(DIR)` loads the policy.
+bitwise identical to an uninterrupted one. `init_source.load_for_inference(DIR)` loads the policy.
 
-Left out: multi-process runs (the loop fetches rollouts to the host to decode and judge them),
-sampling with top-k/top-p (PPO's ratio is defined for the full temperature-scaled policy).
+Several processes (README, "Scaling out") run this same command: every process iterates the same
+prompt order, so each knows the whole batch of prompts; rollouts, scoring and updates span all
+processes' devices, and what is decoded on the host (gold judge, samples, eval rows) is gathered
+from all of them first. Process 0 writes the files.
+
+Left out: sampling with top-k/top-p (PPO's ratio is defined for the full temperature-scaled policy).
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, init_source, metrics as metrics_lib, optim, rl, runtime, sampling, sharding
+from experiments import common
+from jaxlm import checkpoint, init_source, loop, optim, rl, runtime, sampling, sharding
 from jaxlm.data import chat
-from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.hf_tokenizer import load_tokenizer
 from jaxlm.model import Model, ModelConfig
@@ -57,12 +61,7 @@ def prepare_data(cfg, workdir: str) -> dict:
     """{prompts, eval, tinyworld}: prompt files, generating TinyWorld's files when none are given."""
     if cfg.data.prompts_file:
         return {"prompts": cfg.data.prompts_file, "eval": cfg.data.eval_prompts_file, "tinyworld": False}
-    data_dir = cfg.data.dir or os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data_dir, "summary.json")):
-        from jaxlm.data import tinyworld
-        print(f"Generating TinyWorld data into {data_dir} ...", flush=True)
-        sizes = cfg.data.tinyworld.to_dict()
-        tinyworld.make_all(data_dir, seed=sizes.pop("seed"), log=lambda _: None, **sizes)
+    data_dir = common.tinyworld_dir(cfg, workdir)
     return {"prompts": os.path.join(data_dir, "rl_prompts.jsonl"),
             "eval": cfg.data.eval_prompts_file or os.path.join(data_dir, "eval_prompts.jsonl"), "tinyworld": True}
 
@@ -73,16 +72,10 @@ def read_prompts(path: str, cfg, tokenizer: Tokenizer) -> list[dict]:
     Prompts longer than `max_prompt_len` tokens are skipped and counted: they would widen every
     batch (and the compiled shapes) for a handful of rows.
     """
-    def parse(obj):
-        prompt = obj.get(cfg.data.prompt_field) if isinstance(obj, dict) else None
-        if not isinstance(prompt, (str, list)):
-            raise KeyError(f"missing field {cfg.data.prompt_field!r} (a string or a list of messages)")
-        return {"prompt": prompt, "family": obj.get("family"), "tokens": chat.encode_prompt(tokenizer, prompt)}
-
-    source = DocumentSource(path, parse=parse, skip_bad_records=cfg.data.skip_bad_records)
-    if source.num_skipped:
-        print(f"Skipped {source.num_skipped} bad records in {path}: {source.skipped}", flush=True)
-    records = [source[i] for i in range(len(source))]
+    records = common.read_prompts(
+        path, field=cfg.data.prompt_field, skip_bad_records=cfg.data.skip_bad_records,
+        parse=lambda r: {"prompt": r["prompt"], "family": r.get("family"),
+                         "tokens": chat.encode_prompt(tokenizer, r["prompt"])})
     kept = [r for r in records if len(r["tokens"]) <= cfg.data.max_prompt_len]
     if len(kept) < len(records):
         print(f"Skipped {len(records) - len(kept)} prompts longer than {cfg.data.max_prompt_len} tokens in {path}",
@@ -92,11 +85,23 @@ def read_prompts(path: str, cfg, tokenizer: Tokenizer) -> list[dict]:
     return kept
 
 
+def eval_prompts(cfg, path: str, tokenizer: Tokenizer, train_families: set) -> list[dict]:
+    """`eval.num_prompts` held-out prompts of the kept families, in a seeded order (which fixes
+    the eval batches and each row's sampling draws, so not `common.seeded_subset`'s file order)."""
+    records = read_prompts(path, cfg, tokenizer)
+    families = set(cfg.eval.families.split(",")) if cfg.eval.families else train_families
+    records = [r for r in records if r["family"] in families] or records
+    order = np.random.default_rng(cfg.eval.seed).permutation(len(records))
+    n = len(records) if cfg.eval.num_prompts <= 0 else min(cfg.eval.num_prompts, len(records))
+    return [records[i] for i in order[:n]]
+
+
 class PromptIterator:
     """Endless batches of prompt indices: a fresh seeded permutation each epoch.
 
     Its position (epoch, index) is saved in every checkpoint (`get_state`/`set_state`), so a
-    resumed run sees exactly the prompts the uninterrupted run would have.
+    resumed run sees exactly the prompts the uninterrupted run would have. Every process runs
+    the same iterator: the whole batch, not a shard of it.
     """
 
     def __init__(self, num_prompts: int, batch_size: int, seed: int):
@@ -124,11 +129,6 @@ class PromptIterator:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def load_meta(path: str, flag: str) -> dict:
-    """A jaxlm workdir's checkpoint meta, or an `hf:PATH` directory's (jaxlm.init_source)."""
-    return init_source.load_meta(path, flag)
-
-
 def judge_scores(records: list[dict], texts: list[str]) -> list[float]:
     from jaxlm.data import tinyworld
     return [tinyworld.score(r["prompt"], t).total for r, t in zip(records, texts)]
@@ -151,8 +151,6 @@ def main(argv):
     del argv
     cfg = _CONFIG.value
     workdir = runtime.start(cfg, _WORKDIR.value, "ppo")
-    if jax.process_count() > 1:
-        raise NotImplementedError("experiments/ppo.py runs in one process (any number of local devices)")
     if not (cfg.policy_from and cfg.reward_from):
         raise ValueError("--config.policy_from (an SFT workdir) and --config.reward_from (a reward workdir) "
                          "are required")
@@ -162,7 +160,8 @@ def main(argv):
                          f"of ppo.grad_accum={cfg.ppo.grad_accum}")
 
     # Models and tokenizer: the policy (and reference) from SFT, the reward model (and critic) from RM.
-    policy_meta, reward_meta = load_meta(cfg.policy_from, "policy_from"), load_meta(cfg.reward_from, "reward_from")
+    policy_meta = init_source.load_meta(cfg.policy_from, "policy_from")
+    reward_meta = init_source.load_meta(cfg.reward_from, "reward_from")
     tokenizer = load_tokenizer(policy_meta["tokenizer"])
     if not init_source.same_tokenizer(load_tokenizer(reward_meta["tokenizer"]), tokenizer):
         raise ValueError(f"the reward model ({reward_meta['tokenizer']}) and the policy ({policy_meta['tokenizer']}) "
@@ -177,12 +176,7 @@ def main(argv):
     prompts = read_prompts(files["prompts"], cfg, tokenizer)
     eval_records = []
     if files["eval"] and cfg.eval.every > 0:
-        eval_records = read_prompts(files["eval"], cfg, tokenizer)
-        families = set(cfg.eval.families.split(",")) if cfg.eval.families else {r["family"] for r in prompts}
-        eval_records = [r for r in eval_records if r["family"] in families] or eval_records
-        order = np.random.default_rng(cfg.eval.seed).permutation(len(eval_records))
-        n_eval = len(eval_records) if cfg.eval.num_prompts <= 0 else min(cfg.eval.num_prompts, len(eval_records))
-        eval_records = [eval_records[i] for i in order[:n_eval]]
+        eval_records = eval_prompts(cfg, files["eval"], tokenizer, {r["family"] for r in prompts})
     width = 16 * -(-max(len(r["tokens"]) for r in prompts + eval_records) // 16)
     if width + cfg.rollout.max_new_tokens > policy_cfg.max_seq_len:
         raise ValueError(f"prompt width {width} + max_new_tokens {cfg.rollout.max_new_tokens} exceeds the policy's "
@@ -211,53 +205,41 @@ def main(argv):
           f"{B // mb} minibatches; {len(prompts)} prompts (width {width}), {len(eval_records)} eval prompts",
           flush=True)
 
-    prompt_iter = PromptIterator(len(prompts), B, cfg.data.seed)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
-    meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "critic_model": dataclasses.asdict(critic_cfg),
-            "tokenizer": local_tokenizer, "config": cfg.to_dict(), "policy_from": cfg.policy_from,
-            "reward_from": cfg.reward_from, "reward_normalization": reward_meta.get("reward_normalization")}
-    restored = ckpt.restore_latest(
-        ppo.abstract_ppo_state(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, state_sh),
-        data_iterator=prompt_iter)
-    if restored is not None:
-        start, state, _ = restored
-        print(f"Resuming from iteration {start} ({ckpt.directory})", flush=True)
-    else:
-        state, _ = ppo.create_ppo_state(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, mesh,
-                                        cfg.train.seed, ref_params, reward_params)
-    start = int(state.iteration)
-
     models = ppo.lm_models(policy_model, reward_model, reward_model)
     batch_sh = sharding.batch_sharding(mesh)
-    with sharding.use_rules(mesh):
-        @jax.jit
-        def score_fn(state, ref_params, reward_params, batch):
-            scored = ppo.score_rollout(models, pcfg, state.params, ref_params, state.critic, reward_params, batch)
-            adv = ppo.compute_advantages(scored, batch, pcfg, state.kl_ctl.value)
-            return {**batch, **scored, **adv}, ppo.rollout_stats(batch, scored, adv, state.kl_ctl.value)
+    # Traced at their first call, outside sharding.use_rules (loop.train gets no mesh): `constrain` is a
+    # no-op in them, as it always was in this binary; the sampler applies the rules itself.
 
-        update_step = jax.jit(ppo.make_update_step(models, pcfg, policy_tx, critic_tx),
-                              in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-        finish = jax.jit(ppo.update_kl, static_argnums=2, out_shardings=state_sh, donate_argnums=0)
+    @jax.jit
+    def score_fn(state, ref_params, reward_params, batch):
+        scored = ppo.score_rollout(models, pcfg, state.params, ref_params, state.critic, reward_params, batch)
+        adv = ppo.compute_advantages(scored, batch, pcfg, state.kl_ctl.value)
+        return {**batch, **scored, **adv}, ppo.rollout_stats(batch, scored, adv, state.kl_ctl.value)
+
+    update_step = jax.jit(ppo.make_update_step(models, pcfg, policy_tx, critic_tx),
+                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    finish = jax.jit(ppo.update_kl, static_argnums=2, out_shardings=state_sh, donate_argnums=0)
 
     def score(state, batch):
         return score_fn(state, ref_params, reward_params, batch)
 
     def rollout(params, records, key):
+        """Every process passes the same prompts: `generate` places them on the global batch sharding."""
         tokens, lengths = prompt_batch(records, tokenizer.pad_id, width)
         sample = sampling.generate(policy_model, params, tokens, lengths, max_new_tokens=cfg.rollout.max_new_tokens,
                                    rng=key, temperature=cfg.rollout.temperature, eos_id=chat.stop_ids(tokenizer),
                                    pad_id=tokenizer.pad_id, mesh=mesh)
         return jax.device_put(ppo.rollout_batch(tokens, lengths, sample), batch_sh)
 
-    def evaluate(state) -> dict:
+    def eval_rows(state) -> dict:
         """Held-out prompts sampled with one fixed key: score, gold, KL to the reference, length."""
         rows = {"score": [], "kl_k1": [], "kl_k3": [], "length": [], "ended": [], "gold": []}
         for i in range(0, len(eval_records), B):
             chunk = eval_records[i:i + B]
-            batch, _ = score(state, rollout(state.params, chunk + [chunk[0]] * (B - len(chunk)),
-                                            jax.random.fold_in(jax.random.PRNGKey(cfg.eval.seed), i)))
-            b = jax.device_get(batch)
+            # Placed like the rollouts' keys (replicated), so both share one compiled sampler.
+            key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.eval.seed), i), state_sh.rng)
+            batch, _ = score(state, rollout(state.params, chunk + [chunk[0]] * (B - len(chunk)), key))
+            b = runtime.host_copy(batch)  # Every process: rows live on all processes' devices.
             n, mask = len(chunk), b["response_mask"] > 0
             d = np.where(mask, b["old_logp"] - b["ref_logp"], 0.0)
             rows["score"] += b["scores"][:n].tolist()
@@ -269,77 +251,82 @@ def main(argv):
                 rows["gold"] += judge_scores(chunk, decode(tokenizer, b["tokens"][:n, width:], mask[:n]))
         return {f"eval_{k}": float(np.mean(v)) for k, v in rows.items() if v}
 
-    # A fresh start drops any metrics a run killed before its first checkpoint left behind.
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start if restored is not None else -1)
-    if start == 0 and eval_records:
+    def evaluate(state, step) -> dict:
         t = time.perf_counter()
-        values = evaluate(state)
+        return {**eval_rows(state), "eval_seconds": time.perf_counter() - t}
+
+    def initial_eval(state) -> dict:
+        t = time.perf_counter()
+        values = eval_rows(state)
         print(f"Eval of the initial (SFT) policy in {time.perf_counter() - t:.1f}s: {values}", flush=True)
-        writer.write(0, values)
-    progress = metrics_lib.Progress(total=iterations, initial=start, desc="ppo")
-    stop = runtime.StopSignal()
-    last_saved = ckpt.latest_step()
-    try:
-        for it in range(start + 1, iterations + 1):
-            t0 = time.perf_counter()
-            records = [prompts[i] for i in next(prompt_iter)]
-            sample_key, shuffle_key = ppo.iteration_keys(state)
-            batch = rollout(state.params, records, sample_key)
-            jax.block_until_ready(batch)
-            t1 = time.perf_counter()
-            rollout_data, stats = score(state, batch)
-            jax.block_until_ready(rollout_data)
-            t2 = time.perf_counter()
-            state, update_metrics = ppo.train_on_rollout(
-                update_step, state, rollout_data, epochs=cfg.ppo.epochs, minibatch_size=mb, key=shuffle_key,
-                place=lambda x: jax.device_put(x, batch_sh))
-            state = finish(state, stats["kl_k1"], B)
-            values = {k: float(v) for k, v in jax.device_get({**stats, **update_metrics}).items()}
-            t3 = time.perf_counter()
-            values.update(rollout_seconds=t1 - t0, scoring_seconds=t2 - t1, update_seconds=t3 - t2,
-                          learning_rate=float(policy_schedule(int(state.step) - 1)))
-            runtime.check_finite(it, {"loss": values["policy_loss"] + values["value_loss"]}, last_saved,
-                                 ckpt.directory)
-            need_text = gold or runtime.every(it, cfg.train.sample_every)
-            if need_text:
-                host = jax.device_get({k: rollout_data[k] for k in ("tokens", "response_mask", "scores", "ended")})
-                texts = decode(tokenizer, host["tokens"][:, width:], host["response_mask"] > 0)
-            if gold:
-                golds = judge_scores(records, texts)
-                values.update(gold_score=float(np.mean(golds)), judge_seconds=time.perf_counter() - t3)
-            if cfg.eval.every and eval_records and (runtime.every(it, cfg.eval.every) or it == iterations):
-                t = time.perf_counter()
-                values.update(evaluate(state), eval_seconds=time.perf_counter() - t)
-            if runtime.every(it, cfg.train.log_every) or "eval_score" in values or it == iterations:
-                writer.write(it, values)
-            if runtime.every(it, cfg.train.sample_every):
-                lines = [{"step": it, "prompt": r["prompt"], "response": t, "score": float(s), "ended": bool(e),
-                          **({"gold": golds[i]} if gold else {})}
-                         for i, (r, t, s, e) in enumerate(zip(records, texts, host["scores"], host["ended"]))]
-                with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
-                    for line in lines[:cfg.train.samples]:
-                        f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                writer.write_text(it, "samples", "\n\n".join(f"**{x['prompt']}** → {x['response']} (score "
-                                                              f"{x['score']:.2f})" for x in lines[:cfg.train.samples]))
-            progress.update(1, score=values["score"], kl=values["kl_k1"], beta=values["beta"],
-                            **({"gold": values["gold_score"]} if gold else {}))
-            if runtime.every(it, cfg.train.checkpoint_every) or it == iterations or stop.requested:
-                ckpt.save(it, state, data_iterator=prompt_iter, meta=meta)
-                last_saved = it
-            if stop.requested:
-                break
-            runtime.crash_if_asked(it, cfg.train.crash_after_step, ckpt)  # Resume tests.
-    except runtime.NonFiniteLoss as e:
-        runtime.exit_on_non_finite(e, ckpt, progress)
-    finally:
-        stop.restore()
-    ckpt.close()
-    progress.close()
-    writer.close()
-    if stop.requested:
-        print(f"Stopped at iteration {last_saved}; rerun the same command to resume.", flush=True)
-        return
-    print(f"Done: {iterations} iterations. Metrics in {writer.path}; checkpoints in {ckpt.directory}", flush=True)
+        return values
+
+    last = {}  # The latest iteration's prompts and rollout; fetched and decoded once, when asked.
+
+    def last_texts() -> tuple[dict, list[str]]:
+        if "texts" not in last:
+            host = runtime.host_copy(last.pop("device"))  # An all-gather: every process asks at the same steps.
+            last.update(host=host, texts=decode(tokenizer, host["tokens"][:, width:], host["response_mask"] > 0))
+        return last["host"], last["texts"]
+
+    def step_fn(state, indices):
+        """One PPO iteration on the prompts `indices`: sample, score, advantages, update, β."""
+        t0 = time.perf_counter()
+        records = [prompts[i] for i in indices]
+        sample_key, shuffle_key = ppo.iteration_keys(state)
+        batch = rollout(state.params, records, sample_key)
+        jax.block_until_ready(batch)
+        t1 = time.perf_counter()
+        rollout_data, stats = score(state, batch)
+        jax.block_until_ready(rollout_data)
+        t2 = time.perf_counter()
+        state, update_metrics = ppo.train_on_rollout(
+            update_step, state, rollout_data, epochs=cfg.ppo.epochs, minibatch_size=mb, key=shuffle_key,
+            place=lambda x: jax.device_put(x, batch_sh))
+        state = finish(state, stats["kl_k1"], B)
+        values = {k: float(v) for k, v in runtime.host_copy({**stats, **update_metrics}).items()}
+        t3 = time.perf_counter()
+        values.update(rollout_seconds=t1 - t0, scoring_seconds=t2 - t1, update_seconds=t3 - t2,
+                      learning_rate=float(policy_schedule(int(state.step) - 1)))
+        last.clear()
+        last.update(records=records, device={k: rollout_data[k] for k in ("tokens", "response_mask", "scores",
+                                                                          "ended")})
+        if gold:
+            last["golds"] = judge_scores(records, last_texts()[1])
+            values.update(gold_score=float(np.mean(last["golds"])), judge_seconds=time.perf_counter() - t3)
+        return state, values
+
+    def write_samples(state, step) -> dict:
+        """A few of this iteration's rollouts to samples.jsonl (process 0) and TensorBoard's text tab."""
+        host, texts = last_texts()
+        lines = [{"step": step, "prompt": r["prompt"], "response": t, "score": float(s), "ended": bool(e),
+                  **({"gold": last["golds"][i]} if gold else {})}
+                 for i, (r, t, s, e) in enumerate(zip(last["records"], texts, host["scores"], host["ended"]))]
+        lines = lines[:cfg.train.samples]
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
+                for line in lines:
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        return {"samples": "\n\n".join(f"**{x['prompt']}** → {x['response']} (score {x['score']:.2f})"
+                                       for x in lines)}
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
+    meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "critic_model": dataclasses.asdict(critic_cfg),
+            "tokenizer": local_tokenizer, "config": cfg.to_dict(), "policy_from": cfg.policy_from,
+            "reward_from": cfg.reward_from, "reward_normalization": reward_meta.get("reward_normalization")}
+    outcome = loop.train(
+        workdir, ckpt, loop.Cadence.from_config(cfg.train, steps=iterations, eval_every=cfg.eval.every),
+        desc="ppo", step_fn=step_fn, batches=PromptIterator(len(prompts), B, cfg.data.seed),
+        init_state=lambda: ppo.create_ppo_state(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, mesh,
+                                                cfg.train.seed, ref_params, reward_params)[0],
+        abstract_state=ppo.abstract_ppo_state(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, state_sh),
+        meta=meta, evaluate=evaluate if eval_records else None, initial_eval=initial_eval if eval_records else None,
+        hooks=[loop.Hook(cfg.train.sample_every, write_samples)], finite_keys=("policy_loss", "value_loss"),
+        progress_keys={"score": "score", "kl": "kl_k1", "beta": "beta", "gold": "gold_score"},
+        step_outputs=("samples.jsonl",))
+    if not outcome.stopped:
+        print(f"Done: {iterations} iterations. Metrics in {os.path.join(workdir, 'metrics.jsonl')}; checkpoints in "
+              f"{ckpt.directory}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """PPO: log-prob layout, KL at the reference, first-minibatch invariants, frozen models, exact
 gradient accumulation, the missing-EOS penalty, an exact KL-regularised bandit optimum, and the
-binary end to end with bitwise resume after SIGKILL."""
+binary end to end: bitwise resume after SIGKILL, two processes equal one, and SIGTERM to one of
+two processes stops both at the same iteration."""
 
 import dataclasses
 import itertools
@@ -16,7 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlm import checkpoint, losses, rl, sampling, sharding
+from launch import run
+from jaxlm import checkpoint, init_source, losses, rl, sampling, sharding
 from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 from jaxlm.steps import ppo
@@ -327,7 +329,7 @@ def test_binary_runs_logs_and_resumes_bitwise_after_sigkill(stages, tmp_path):
     assert checkpoint.Checkpointer(str(tmp_path / "crashed" / "checkpoints")).latest_step() == 2
     resumed = run(tmp_path / "crashed")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "Resuming from iteration 2" in resumed.stdout
+    assert "Resuming from step 2" in resumed.stdout
 
     for item in ("params", "opt_state", "critic", "critic_opt_state", "kl_ctl", "rng", "step", "iteration"):
         a, _ = checkpoint.load_params(str(tmp_path / "straight"), item=item)
@@ -354,5 +356,84 @@ def test_binary_runs_logs_and_resumes_bitwise_after_sigkill(stages, tmp_path):
     samples = [json.loads(l) for l in open(tmp_path / "straight" / "samples.jsonl")]
     assert {s["step"] for s in samples} == {2, 4} and {"prompt", "response", "score", "gold"} <= set(samples[0])
     assert os.path.isdir(tmp_path / "straight" / "tensorboard")
-    model, params, tok = checkpoint.load_for_inference(str(tmp_path / "straight"))
+    model, params, tok = init_source.load_for_inference(str(tmp_path / "straight"))
     assert model.cfg.d_model == 32 and tok.eos_id == 2
+
+
+# Two processes of one CPU device each against one process of two devices: the same mesh (data=2),
+# the same prompts (every process iterates the same order), gloo collectives in between. Syncing
+# the stop flag every 2 iterations while the samples hook logs every one puts a SIGTERM after
+# iteration 1 in the middle of a sync period; the run then stops at 2 (checkpoint_every=0: only
+# the stop and the last iteration save).
+MP_FLAGS = ("--config.train.log_every=2", "--config.train.sample_every=1", "--config.train.checkpoint_every=0",
+            "--config.eval.every=4")
+MP_KEYS = ("score", "kl_k1", "kl_k3", "beta", "policy_loss", "value_loss", "gold_score", "eval_score", "eval_kl_k1")
+MP_RTOL = 1e-5
+
+
+def _launch(stages, workdir, env, **launch) -> list[subprocess.CompletedProcess]:
+    """experiments.ppo with MP_FLAGS as `tests/launch.run` starts it; every process must exit 0."""
+    results = run(_ppo_command(stages, workdir, *MP_FLAGS), env=env, **launch)
+    for r in results:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return results
+
+
+def _assert_same_metrics(a_dir, b_dir):
+    rows = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (a_dir, b_dir)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [0, 1, 2, 3, 4]
+    for a, b in zip(*rows):
+        keys = [k for k in MP_KEYS if k in a]
+        assert keys and keys == [k for k in MP_KEYS if k in b], (a, b)
+        np.testing.assert_allclose([b[k] for k in keys], [a[k] for k in keys], rtol=MP_RTOL,
+                                   err_msg=f"step {a['step']}: {keys}")
+
+
+@pytest.fixture(scope="module")
+def mp_env(tmp_path_factory):
+    """One compilation cache for the multi-process runs: later ones load what the first compiled."""
+    cache = tmp_path_factory.mktemp("mp_jax_cache")
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="module")
+def two_processes(stages, mp_env, tmp_path_factory):
+    """An uninterrupted 2-process run: its workdir and each process's result."""
+    workdir = tmp_path_factory.mktemp("ppo_mp") / "run"
+    return workdir, _launch(stages, workdir, mp_env, processes=2, devices=1)
+
+
+def test_two_processes_train_like_one_process_of_two_devices(stages, mp_env, two_processes, tmp_path):
+    workdir, results = two_processes
+    assert "Process 1 of 2: 1 local cpu devices, 2 in all" in results[1].stdout
+    assert all("mesh data=2" in r.stdout for r in results)
+    one = _launch(stages, tmp_path / "one", mp_env, processes=1, devices=2)
+    assert "mesh data=2" in one[0].stdout
+    _assert_same_metrics(tmp_path / "one", workdir)
+    # Process 0 alone writes samples.jsonl, with the texts gathered from both processes' rows.
+    samples = [[json.loads(line) for line in open(d / "samples.jsonl")] for d in (tmp_path / "one", workdir)]
+    steps = [i for i in range(1, 5) for _ in range(4)]  # 4 rollouts each iteration
+    assert [s["step"] for s in samples[1]] == [s["step"] for s in samples[0]] == steps
+    assert [(s["prompt"], s["response"]) for s in samples[1]] == [(s["prompt"], s["response"]) for s in samples[0]]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_and_the_rerun_matches(stages, mp_env, two_processes, tmp_path):
+    workdir = tmp_path / "run"
+    sigterm = {1: ["--config.train.sigterm_after_step=1"]}  # Process 1 only.
+    stopped = _launch(stages, workdir, mp_env, processes=2, devices=1, per_process=sigterm)
+    assert "SIGTERM received" in stopped[1].stderr and "SIGTERM received" not in stopped[0].stderr
+    for r in stopped:  # Both stop after the sync at iteration 2, having saved it together.
+        assert "Stopped at step 2;" in r.stdout and "Done:" not in r.stdout, r.stdout[-2000:]
+    ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
+    assert ckpt.all_steps() == [2]
+    saved = sorted(f for f in os.listdir(workdir / "checkpoints" / "2" / "data") if f.startswith("process_"))
+    assert saved == ["process_0-of-2.json", "process_1-of-2.json"]  # Each process's prompt position.
+    ckpt.close()
+    resumed = _launch(stages, workdir, mp_env, processes=2, devices=1, per_process=sigterm)  # The same commands.
+    for r in resumed:
+        assert "Resuming from step 2" in r.stdout and "Done: 4 iterations" in r.stdout, r.stdout[-2000:]
+    _assert_same_metrics(two_processes[0], workdir)
+    samples = [[(s["step"], s["prompt"], s["response"]) for s in map(json.loads, open(d / "samples.jsonl"))]
+               for d in (two_processes[0], workdir)]
+    assert samples[0] == samples[1]  # Each iteration's rollouts once: the rerun kept the lines of 1 and 2.

@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
         seed=0, log_every=1, checkpoint_every=10, keep_checkpoints=2,
         sample_every=10, samples=4,  # Rollouts written to samples.jsonl every sample_every iterations.
         crash_after_step=0,  # Testing only: SIGKILL the run right after this iteration (0 = never).
+        sigterm_after_step=0,  # Testing only: SIGTERM to this process after this iteration (0 = never).
     ))
     c.eval = ml_collections.ConfigDict(dict(
         every=20,  # Iterations between evals; also at step 0 (the SFT model) and at the end. 0 = never.
