@@ -3,7 +3,8 @@
 Every loss here returns a *sum* over real items (tokens, pairs) and the count of those items
 (DESIGN.md: losses return sums and counts). Summing gradients and counts over microbatches and
 dividing once at the end gives the same update as one big batch, whatever the padding, which a
-mean of per-microbatch means would not.
+mean of per-microbatch means would not. Evaluation does the same over batches: add the eval
+step's sums, then divide once (`means_from_sums`).
 """
 
 from __future__ import annotations
@@ -57,3 +58,10 @@ def apply_mean_gradients(state, optimizer: optax.GradientTransformation, grads, 
     if schedule is not None:
         metrics["learning_rate"] = schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), denom, metrics
+
+
+def means_from_sums(totals: dict[str, float], count_key: str = "pairs") -> dict[str, float]:
+    """Means from eval outputs summed over batches: every entry divided by `totals[count_key]`
+    (at least 1), which is kept as it is (e.g. the reward and DPO eval steps' `pairs`)."""
+    count = max(float(totals[count_key]), 1.0)
+    return {**{k: float(v) / count for k, v in totals.items() if k != count_key}, count_key: float(totals[count_key])}

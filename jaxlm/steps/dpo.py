@@ -181,7 +181,5 @@ def make_eval_step(model, cfg: losses.DPOConfig, *, soft_labels: bool = False, a
     return eval_step
 
 
-def finish_eval(totals: dict[str, float]) -> dict[str, float]:
-    """Means over pairs from summed eval outputs."""
-    pairs = max(float(totals["pairs"]), 1.0)
-    return {**{k: float(v) / pairs for k, v in totals.items() if k != "pairs"}, "pairs": float(totals["pairs"])}
+# Means over pairs from summed eval outputs ({METRICS, pairs}); the same helper as reward.finish_eval.
+finish_eval = accumulate.means_from_sums

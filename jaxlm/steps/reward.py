@@ -85,7 +85,7 @@ def make_train_step(rm, optimizer: optax.GradientTransformation, schedule: optax
 def make_eval_step(rm, *, margin: float = 0.0, soft_labels: bool = False
                    ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """eval_step(params, batch) -> sums {loss, accuracy, chosen_reward, rejected_reward, margin, pairs};
-    add them over batches and divide by `pairs` (see `finish_eval`)."""
+    add them over batches, then `finish_eval` divides by `pairs`."""
 
     def eval_step(params, batch):
         _, count, sums = preference_loss(rm, params, batch, margin=margin, soft_labels=soft_labels)
@@ -94,8 +94,6 @@ def make_eval_step(rm, *, margin: float = 0.0, soft_labels: bool = False
     return eval_step
 
 
-def finish_eval(totals: dict[str, float]) -> dict[str, float]:
-    """Means from summed eval outputs: {loss, accuracy, chosen_reward, rejected_reward, margin, pairs}."""
-    pairs = max(float(totals["pairs"]), 1.0)
-    return {**{k: float(v) / pairs for k, v in totals.items() if k != "pairs"}, "pairs": float(totals["pairs"])}
+# Means over pairs from summed eval outputs: {loss, accuracy, chosen_reward, rejected_reward, margin, pairs}.
+finish_eval = accumulate.means_from_sums
 
