@@ -48,9 +48,10 @@ from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import checkpoint, eval as eval_lib, init_source, loop, losses, optim, runtime, sharding
-from jaxlm.data import preferences
+from jaxlm.data import preferences, tinyworld
 from jaxlm.data.sources import DocumentSource, expand_paths
 from jaxlm.data.tinyworld import judge as tinyworld_judge
+from jaxlm.data.tinyworld.corpus import write_jsonl
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import dpo
 from jaxlm.train_state import abstract_train_state, state_shardings
@@ -68,8 +69,6 @@ def prepare_data(cfg, workdir: str) -> dict:
     valid = os.path.join(data_dir, "preferences_valid.jsonl")
     prompts = cfg.data.eval_prompts_file or os.path.join(data_dir, "eval_prompts.jsonl")
     if not os.path.exists(prompts):  # e.g. a make_preferences directory: TinyWorld's own eval prompts
-        from jaxlm.data import tinyworld
-        from jaxlm.data.tinyworld.corpus import write_jsonl
         prompts = os.path.join(workdir, "data", "eval_prompts.jsonl")
         if jax.process_index() == 0 and not os.path.exists(prompts):
             sizes = cfg.data.tinyworld.to_dict()

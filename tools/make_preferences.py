@@ -28,7 +28,8 @@ import jax
 from absl import app, flags, logging
 
 from jaxlm import init_source
-from jaxlm.data import chat
+from jaxlm.data import chat, tinyworld
+from jaxlm.data.tinyworld import make, preferences as tw_preferences
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of the run to sample from (SFT).", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TinyWorld directory (rl_prompts.jsonl, preferences_valid.jsonl).",
@@ -58,7 +59,6 @@ def sample_preferences(model, params, tokenizer, prompts: Sequence[str], *, num_
     wrote a role marker (it started a new turn; the chat format rejects such text as data).
     """
     if labeler is None:
-        from jaxlm.data import tinyworld
         labeler = tinyworld.pairs_from_samples
     repeated = [p for p in prompts for _ in range(num_samples)]
     out = chat.generate_responses(model, params, tokenizer, repeated, max_new_tokens=max_new_tokens, rng=rng,
@@ -88,8 +88,6 @@ def _read_prompts(path: str, limit: int) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxlm.data.tinyworld import make, preferences as tw_preferences
-
     if not flags.FLAGS["verbosity"].present:  # orbax logs every read at INFO
         logging.set_verbosity(logging.WARNING)
 
