@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from jaxlm import checkpoint, init_source, loop, runtime, sharding
+from jaxlm import checkpoint, init_source, loop, sharding
 from jaxlm.data import packing
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
@@ -33,7 +33,7 @@ def tinyworld_dir(cfg, workdir: str, *, marker: str = "summary.json") -> str:
         print(f"Generating TinyWorld data into {data_dir} ...", flush=True)
         sizes = cfg.data.tinyworld.to_dict()
         tinyworld.make_all(data_dir, seed=sizes.pop("seed"), log=lambda _: None, **sizes)
-    runtime.barrier("builtin-data")
+    sharding.barrier("builtin-data")
     return data_dir
 
 
@@ -61,7 +61,7 @@ def fresh_tokenizer(cfg, workdir: str, texts: str | list[str] | Callable[[], Ite
             source = texts.split(",") if isinstance(texts, str) else texts if isinstance(texts, list) else texts()
             train_tokenizer(source, local[: -len(".model")], cfg.data.tokenizer_vocab_size,
                             text_field=cfg.data.get("text_field", "text"))
-    runtime.barrier("tokenizer")
+    sharding.barrier("tokenizer")
     return Tokenizer.load(local)
 
 
@@ -123,7 +123,7 @@ def for_generation(params, mesh):
     process must call it)."""
     if jax.process_count() == 1:
         return params, mesh
-    return runtime.host_copy(params), None
+    return sharding.host_copy(params), None
 
 
 # --- Prompts and files ------------------------------------------------------------------------------

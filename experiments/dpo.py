@@ -76,7 +76,7 @@ def prepare_data(cfg, workdir: str) -> dict:
             write_jsonl(prompts, ({"prompt": p, "family": family} for family, ps in
                                             tinyworld.eval_prompts(world, sizes["eval_per_family"], sizes["seed"]).items()
                                             for p in ps))
-        runtime.barrier("eval-prompts")
+        sharding.barrier("eval-prompts")
     return {"train": os.path.join(data_dir, "preferences_train.jsonl"), "valid": valid if os.path.exists(valid) else "",
             "prompts": prompts, "tinyworld": True}
 

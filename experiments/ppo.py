@@ -239,7 +239,7 @@ def main(argv):
             # Placed like the rollouts' keys (replicated), so both share one compiled sampler.
             key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.eval.seed), i), state_sh.rng)
             batch, _ = score(state, rollout(state.params, chunk + [chunk[0]] * (B - len(chunk)), key))
-            b = runtime.host_copy(batch)  # Every process: rows live on all processes' devices.
+            b = sharding.host_copy(batch)  # Every process: rows live on all processes' devices.
             n, mask = len(chunk), b["response_mask"] > 0
             d = np.where(mask, b["old_logp"] - b["ref_logp"], 0.0)
             rows["score"] += b["scores"][:n].tolist()
@@ -265,7 +265,7 @@ def main(argv):
 
     def last_texts() -> tuple[dict, list[str]]:
         if "texts" not in last:
-            host = runtime.host_copy(last.pop("device"))  # An all-gather: every process asks at the same steps.
+            host = sharding.host_copy(last.pop("device"))  # An all-gather: every process asks at the same steps.
             last.update(host=host, texts=decode(tokenizer, host["tokens"][:, width:], host["response_mask"] > 0))
         return last["host"], last["texts"]
 
@@ -284,7 +284,7 @@ def main(argv):
             update_step, state, rollout_data, epochs=cfg.ppo.epochs, minibatch_size=mb, key=shuffle_key,
             place=lambda x: jax.device_put(x, batch_sh))
         state = finish(state, stats["kl_k1"], B)
-        values = {k: float(v) for k, v in runtime.host_copy({**stats, **update_metrics}).items()}
+        values = {k: float(v) for k, v in sharding.host_copy({**stats, **update_metrics}).items()}
         t3 = time.perf_counter()
         values.update(rollout_seconds=t1 - t0, scoring_seconds=t2 - t1, update_seconds=t3 - t2,
                       learning_rate=float(policy_schedule(int(state.step) - 1)))

@@ -44,7 +44,7 @@ def prepare_data(cfg, workdir: str) -> tuple[str, str]:
         print(f"Generating {cfg.data.builtin_docs} TinyWorld documents into {data_dir} ...", flush=True)
         tinyworld.write_corpus_splits(data_dir, num_train=cfg.data.builtin_docs,
                                       num_valid=max(200, cfg.data.builtin_docs // 50), seed=cfg.data.seed)
-    runtime.barrier("builtin-data")
+    sharding.barrier("builtin-data")
     return train, valid
 
 
@@ -105,7 +105,7 @@ def main(argv):
     if outcome.stopped:
         return
     if cfg.train.samples:
-        params = runtime.host_copy(outcome.state.params)  # Whole arrays, also when sharded across processes.
+        params = sharding.host_copy(outcome.state.params)  # Whole arrays, also when sharded across processes.
         if jax.process_index() == 0:
             print(write_samples(model, params, tokenizer, workdir, steps, cfg.train.samples))
     print(f"Done: {steps} steps. Metrics in {os.path.join(workdir, 'metrics.jsonl')}; checkpoints in "

@@ -188,7 +188,7 @@ def main(argv):
     def finalize(state):
         """The last checkpoint holds the head normalised on reference samples."""
         sequences = reference_sequences(cfg, files, tokenizer, init_meta)
-        params, normalization["value"] = normalize(cfg, rm, runtime.host_copy(state.params), sequences, pad_id)
+        params, normalization["value"] = normalize(cfg, rm, sharding.host_copy(state.params), sequences, pad_id)
         return (state.replace(params=jax.device_put(params, state_sh.params)),
                 {"reward_normalization": normalization["value"]})
 

@@ -16,7 +16,7 @@ What lives here, once, because copies of it drifted apart in six binaries:
 - the cadence: log every `log_every` steps, evaluate every `eval_every` and at the last step,
   save every `checkpoint_every` and at the last step, `hooks` at their own periods;
 - SIGTERM: every process must stop at the same step, since saving is a collective, so the flag
-  is exchanged at log steps (`runtime.StopSignal.check`); then save, exit cleanly, resume later;
+  is exchanged at log steps (`StopSignal.check`); then save, exit cleanly, resume later;
 - the non-finite guard (names the last good checkpoint), first-step compile time, throughput,
   the progress bar, metrics.jsonl (lines past the restored step dropped) and the hooks the
   resume tests use (`crash_after_step`: SIGKILL; `sigterm_after_step`: a preemption).
@@ -29,14 +29,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 
-from jaxlm import checkpoint, metrics as metrics_lib, runtime, sharding
+from jaxlm import checkpoint, metrics as metrics_lib, sharding
 
 Metrics = dict[str, float]
 
@@ -110,7 +112,7 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
             _write(writer, 0, values)
 
     progress = metrics_lib.Progress(total=steps, initial=min(start_step, steps), desc=desc)
-    stop = runtime.StopSignal(sync_every=cadence.log_every)
+    stop = StopSignal(sync_every=cadence.log_every)
     throughput = metrics_lib.Throughput()
     last_saved = ckpt.latest_step()
     stopping = False
@@ -130,12 +132,12 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
                     os.kill(os.getpid(), signal.SIGTERM)  # Through the real handler, as a preemption would.
                 stopping = stop.check(step) and step < steps
                 last = step == steps
-                save_now = runtime.every(step, cadence.checkpoint_every) or last or stopping
-                eval_now = evaluate is not None and (runtime.every(step, cadence.eval_every) or last)
-                due = [h for h in hooks if runtime.every(step, h.every)]
-                if runtime.every(step, cadence.log_every) or save_now or eval_now or due:
+                save_now = every(step, cadence.checkpoint_every) or last or stopping
+                eval_now = evaluate is not None and (every(step, cadence.eval_every) or last)
+                due = [h for h in hooks if every(step, h.every)]
+                if every(step, cadence.log_every) or save_now or eval_now or due:
                     values = {k: float(v) for k, v in jax.device_get(dict(step_metrics)).items()}
-                    runtime.check_finite(step, {"loss": sum(values[k] for k in finite_keys)}, last_saved,
+                    check_finite(step, {"loss": sum(values[k] for k in finite_keys)}, last_saved,
                                          ckpt.directory)
                     if tokens_per_step:
                         values["tokens_per_second"] = throughput.rate()
@@ -151,15 +153,15 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
                     last_saved = step
                 if stopping:
                     break
-                runtime.crash_if_asked(step, cadence.crash_after_step, ckpt)
+                crash_if_asked(step, cadence.crash_after_step, ckpt)
         if finalize is not None and start_step < steps and not stopping:
             # Outside the sharding rules: host-side work on whole arrays (e.g. scoring samples).
             state, extra = finalize(state)
             ckpt.save(steps, state, data_iterator=batches, meta={**meta, **extra})
             last_saved = steps
-    except runtime.NonFiniteLoss as e:
+    except NonFiniteLoss as e:
         writer.close()
-        runtime.exit_on_non_finite(e, ckpt, progress)
+        exit_on_non_finite(e, ckpt, progress)
     finally:
         stop.restore()
     ckpt.close()
@@ -174,6 +176,78 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
         on_finish(state, writer, last_eval)
     writer.close()
     return Outcome(state, start_step, False, last_eval)
+
+
+# --- The pieces ------------------------------------------------------------------------------------
+
+
+def every(step: int, period: int) -> bool:
+    """True on every `period`-th step; a period of 0 (or less) means never, not a division by zero."""
+    return period > 0 and step % period == 0
+
+
+class StopSignal:
+    """Turns SIGTERM (preemption, `kill`, SLURM time limit) into a flag the loop checks each step,
+    so the run saves a checkpoint and exits cleanly instead of dying mid-step.
+
+    Several processes get the signal at slightly different steps, and saving is a collective, so
+    `check(step)` is what the loop asks: with one process it is the flag itself; with several,
+    the processes exchange their flags every `sync_every` steps (a tiny all-gather, and a host
+    sync: pick a step the loop syncs at anyway, e.g. its logging interval) and stop together.
+    """
+
+    def __init__(self, sync_every: int = 1):
+        self.requested = False
+        self.sync_every = max(1, sync_every)
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def check(self, step: int) -> bool:
+        """Whether every process stops after `step` (call it on every process, every step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return step % self.sync_every == 0 and sharding.any_process(self.requested)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        print("\nSIGTERM received: saving a checkpoint and exiting.", file=sys.stderr, flush=True)
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_finite(step: int, metrics: dict, last_good_step: int | None, checkpoint_dir: str):
+    """Stop the run with a clear message when the loss is NaN or infinite (nothing is saved after)."""
+    loss = float(metrics.get("loss", 0.0))
+    if not math.isfinite(loss):
+        where = (f"the last good checkpoint is step {last_good_step} in {checkpoint_dir}" if last_good_step is not None
+                 else "no checkpoint was written before it")
+        raise NonFiniteLoss(f"loss became {loss} at step {step}; stopping. {where}. Lower the learning rate "
+                            f"or check the data, then rerun the same command to resume from that checkpoint.")
+
+
+def crash_if_asked(step: int, crash_after_step: int, ckpt) -> None:
+    """Testing only (`--config.train.crash_after_step`): SIGKILL the process right after `step`.
+
+    Waits for the checkpoints already started, so the resume tests see exactly the saves made
+    before the crash and lose every later step, as a real kill between steps would.
+    """
+    if crash_after_step and step == crash_after_step:
+        ckpt.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_on_non_finite(error: NonFiniteLoss, ckpt, progress) -> None:
+    """A binary's end after `check_finite` raised: close the checkpointer (the last good save
+    stays), close the progress bar, print the error (it names the step and the checkpoint to
+    resume from) and exit with status 1."""
+    ckpt.close()
+    progress.close()
+    print(f"\nERROR: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _write(writer: metrics_lib.MetricsWriter, step: int, values: Mapping[str, Any]) -> None:

@@ -116,8 +116,8 @@ def test_loss_falls_well_below_unigram_entropy(corpus):
 
 def test_every_treats_a_zero_period_as_never():
     """`--config.train.eval_every=0` (or any *_every) means never: it used to divide by zero."""
-    from jaxlm import runtime
+    from jaxlm import loop
 
-    assert [s for s in range(1, 10) if runtime.every(s, 3)] == [3, 6, 9]
-    assert not any(runtime.every(s, 0) for s in range(1, 10))
-    assert not any(runtime.every(s, -1) for s in range(1, 10))
+    assert [s for s in range(1, 10) if loop.every(s, 3)] == [3, 6, 9]
+    assert not any(loop.every(s, 0) for s in range(1, 10))
+    assert not any(loop.every(s, -1) for s in range(1, 10))
