@@ -52,24 +52,11 @@ def _score_fn(reward_model):
 
 
 def _layout(prompt_tokens, prompt_lengths, response_tokens, response_mask) -> dict[str, jax.Array]:
-    """[prompt (left-padded) | response] rows in the sampler's own layout, the response as targets.
-
-    The prompt keeps the sampler's positions and segment ids (`sampling.prompt_positions`);
-    response token i sits at position prompt_length + i; slots after EOS are padding.
-    """
-    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    lengths = jnp.asarray(prompt_lengths, jnp.int32)
-    real = jnp.asarray(response_mask) > 0  # [B, N]
-    p, n = prompt_tokens.shape[1], response_tokens.shape[1]
-    prompt_pos, prompt_seg = sampling.prompt_positions(lengths, p)
-    response_pos = lengths[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
-    return {
-        "tokens": jnp.concatenate([jnp.where(prompt_seg > 0, prompt_tokens, 0),
-                                   jnp.where(real, jnp.asarray(response_tokens, jnp.int32), 0)], axis=1),
-        "positions": jnp.concatenate([prompt_pos, jnp.where(real, response_pos, 0)], axis=1),
-        "segment_ids": jnp.concatenate([prompt_seg, real.astype(jnp.int32)], axis=1),
-        "loss_mask": jnp.concatenate([jnp.zeros_like(prompt_seg), real.astype(jnp.int32)], axis=1),
-    }
+    """`sampling.prompt_response_layout` with the response as the targets (`loss_mask`, full width)."""
+    batch = sampling.prompt_response_layout(prompt_tokens, prompt_lengths, response_tokens, response_mask)
+    real = batch.pop("response_mask").astype(jnp.int32)
+    batch["loss_mask"] = jnp.concatenate([jnp.zeros_like(batch["segment_ids"][:, :-real.shape[1]]), real], axis=1)
+    return batch
 
 
 def _batches(encoded: list[list[int]], batch_size: int, pad_id: int, bucket: int):

@@ -449,6 +449,33 @@ def generate(model: Model, params, prompt_tokens, prompt_lengths, *, max_new_tok
                          greedy=bool(greedy), mesh=mesh)
 
 
+@jax.jit
+def prompt_response_layout(prompt_tokens, prompt_lengths, response_tokens, response_mask) -> dict[str, jax.Array]:
+    """The ``[B, P + N]`` row layout of a left-padded prompt batch and its sampled responses: the
+    prompt keeps the sampler's positions and segment ids (`prompt_positions`), response token i
+    sits at position prompt_length + i, so a forward pass over the row recomputes the sampler's
+    log-probs (PPO's rollouts, `jaxlm.eval`'s KL).
+
+    Returns ``tokens``, ``positions``, ``segment_ids`` (int32 ``[B, P + N]``) and
+    ``response_mask`` (float32 ``[B, N]``: 1 on generated tokens, EOS included). Pad slots (left
+    of the prompt, after EOS) hold token 0, position 0 and segment 0: invisible to attention.
+    """
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    response_tokens = jnp.asarray(response_tokens, jnp.int32)
+    real = jnp.asarray(response_mask) > 0  # [B, N]
+    p, n = prompt_tokens.shape[1], response_tokens.shape[1]
+    prompt_pos, prompt_seg = prompt_positions(lengths, p)  # [B, P] each
+    response_pos = lengths[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, N]
+    return {
+        "tokens": jnp.concatenate([jnp.where(prompt_seg > 0, prompt_tokens, 0),
+                                   jnp.where(real, response_tokens, 0)], axis=1),
+        "positions": jnp.concatenate([prompt_pos, jnp.where(real, response_pos, 0)], axis=1),
+        "segment_ids": jnp.concatenate([prompt_seg, real.astype(jnp.int32)], axis=1),
+        "response_mask": real.astype(jnp.float32),
+    }
+
+
 def prompts_to_batch(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists into ([B, P] int32, lengths [B] int32), P a multiple of `bucket`.
 

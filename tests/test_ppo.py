@@ -229,12 +229,12 @@ def test_ppo_reaches_the_exact_kl_regularised_optimum():
 
     tokens, mask, ended = _all_responses()
     prompt, length = np.ones((len(tokens), 1), np.int32), np.ones((len(tokens),), np.int32)
-    every = {**ppo.rollout_layout(prompt, length, tokens, mask), "ended": jnp.asarray(ended)}
+    every = {**sampling.prompt_response_layout(prompt, length, tokens, mask), "ended": jnp.asarray(ended)}
     r = np.asarray(_bandit_reward(None, every)) - PENALTY * (1.0 - ended)
 
     @jax.jit
     def log_pi(params):  # log π(y) of every response, with the step's own log-probs
-        logp, _ = ppo.response_log_probs(models, params, every, cfg.temperature)
+        logp, _ = ppo.rollout_log_probs(models, params, every, cfg.temperature)
         return jnp.sum(jnp.where(every["response_mask"] > 0, logp, 0.0), axis=-1)
 
     ref = jax.jit(model.init)(jax.random.PRNGKey(0))

@@ -61,7 +61,7 @@ ValueFn = Callable[[Params, Batch], jax.Array]  # -> values [B, N] of the states
 RewardFn = Callable[[Params, Batch], jax.Array]  # -> score [B] of each whole sequence
 
 __all__ = [
-    "PPOConfig", "PPOModels", "PPOState", "lm_models", "rollout_layout", "rollout_batch", "response_log_probs",
+    "PPOConfig", "PPOModels", "PPOState", "lm_models", "rollout_batch", "rollout_log_probs",
     "score_rollout", "compute_advantages", "rollout_stats", "make_update_step", "train_on_rollout",
     "iteration_keys", "update_kl", "create_ppo_state", "ppo_state_shardings", "abstract_ppo_state",
 ]
@@ -110,7 +110,7 @@ class PPOConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PPOModels:
-    """The three functions PPO needs; each reads a rollout batch in :func:`rollout_layout`'s form.
+    """The three functions PPO needs; each reads a rollout batch (`sampling.prompt_response_layout`).
 
     ``policy`` gives the logits that predict each response token ``[B, N, V]`` (also used for the
     reference, with the reference's parameters); ``critic`` the value ``[B, N]`` of the state
@@ -164,43 +164,19 @@ def lm_models(policy_model, critic_model, reward_model) -> PPOModels:
 # ------------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def rollout_layout(prompt_tokens, prompt_lengths, response_tokens, response_mask) -> Batch:
-    """The ``[B, P + N]`` row layout of a left-padded prompt batch and its sampled responses.
-
-    Returns ``tokens``, ``positions``, ``segment_ids`` (int32 ``[B, P + N]``) and
-    ``response_mask`` (float32 ``[B, N]``: 1 on generated tokens, EOS included). Pad slots (left
-    of the prompt, after EOS) hold token 0, position 0 and segment 0: invisible to attention.
-    """
-    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    lengths = jnp.asarray(prompt_lengths, jnp.int32)
-    response_tokens = jnp.asarray(response_tokens, jnp.int32)
-    real = jnp.asarray(response_mask) > 0  # [B, N]
-    p, n = prompt_tokens.shape[1], response_tokens.shape[1]
-    prompt_pos, prompt_seg = sampling.prompt_positions(lengths, p)  # [B, P] each
-    response_pos = lengths[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, N]
-    return {
-        "tokens": jnp.concatenate([jnp.where(prompt_seg > 0, prompt_tokens, 0),
-                                   jnp.where(real, response_tokens, 0)], axis=1),
-        "positions": jnp.concatenate([prompt_pos, jnp.where(real, response_pos, 0)], axis=1),
-        "segment_ids": jnp.concatenate([prompt_seg, real.astype(jnp.int32)], axis=1),
-        "response_mask": real.astype(jnp.float32),
-    }
-
-
 def rollout_batch(prompt_tokens, prompt_lengths, sample: sampling.SampleOutput) -> Batch:
-    """:func:`rollout_layout` of a ``sampling.generate`` result, plus what the sampler recorded.
+    """`sampling.prompt_response_layout` of a ``sampling.generate`` result, plus what the sampler recorded.
 
     Adds ``sampled_logp [B, N]`` (the sampler's log-probs, only compared against) and ``ended``
     (``[B]`` float32, 1 where the response emitted EOS).
     """
-    batch = rollout_layout(prompt_tokens, prompt_lengths, sample.tokens, sample.mask)
+    batch = sampling.prompt_response_layout(prompt_tokens, prompt_lengths, sample.tokens, sample.mask)
     batch["sampled_logp"] = jnp.asarray(sample.logprobs, jnp.float32)
     batch["ended"] = jnp.asarray(sample.ended, jnp.float32)
     return batch
 
 
-def response_log_probs(models: PPOModels, params, batch: Batch, temperature) -> tuple[jax.Array, jax.Array]:
+def rollout_log_probs(models: PPOModels, params, batch: Batch, temperature) -> tuple[jax.Array, jax.Array]:
     """(log-probs [B, N] of the response tokens, logits [B, N, V]) under ``softmax(logits / T)``.
 
     Unmasked: positions after EOS hold the log-prob of whatever token sits there; multiply or
@@ -222,8 +198,8 @@ def score_rollout(models: PPOModels, cfg: PPOConfig, policy_params, ref_params, 
     ref_params = jax.lax.stop_gradient(ref_params)
     reward_params = jax.lax.stop_gradient(reward_params)
     mask = batch["response_mask"] > 0
-    logp, logits = response_log_probs(models, policy_params, batch, cfg.temperature)
-    ref_logp, _ = response_log_probs(models, ref_params, batch, cfg.temperature)
+    logp, logits = rollout_log_probs(models, policy_params, batch, cfg.temperature)
+    ref_logp, _ = rollout_log_probs(models, ref_params, batch, cfg.temperature)
     values = models.critic(critic_params, batch).astype(jnp.float32)
     entropy = losses.entropy_from_logits(logits, cfg.temperature)
     zero = lambda x: jnp.where(mask, x, 0.0)
@@ -370,7 +346,7 @@ UPDATE_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "old_logp"
 def _minibatch_sums(models: PPOModels, cfg: PPOConfig, policy_params, critic_params, mb: Batch):
     """Loss sums of one microbatch: (objective to differentiate, (sums and token count))."""
     mask = mb["response_mask"]
-    logp, logits = response_log_probs(models, policy_params, mb, cfg.temperature)
+    logp, logits = rollout_log_probs(models, policy_params, mb, cfg.temperature)
     pg_sum, count, pg_aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask,
                                                    clip_eps=cfg.clip_eps)
     ent_sum = jnp.sum(jnp.where(mask > 0, losses.entropy_from_logits(logits, cfg.temperature), 0.0))
