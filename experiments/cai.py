@@ -54,7 +54,7 @@ from jaxlm.data import chat, sft
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tinyworld import judge as tinyworld_judge, tasks as tinyworld_tasks
 from jaxlm.data.tinyworld.corpus import write_jsonl
-from jaxlm.hf_tokenizer import load_tokenizer
+from jaxlm.hf import load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
 from jaxlm.train_state import abstract_train_state, state_shardings, train_state_from_params

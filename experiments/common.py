@@ -19,7 +19,7 @@ from jaxlm import checkpoint, init_source, loop, sharding
 from jaxlm.data import packing
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
-from jaxlm.hf_tokenizer import load_tokenizer
+from jaxlm.hf import load_tokenizer
 from jaxlm.model import ModelConfig
 from jaxlm.steps import lm
 from jaxlm.train_state import TrainState, train_state_from_params

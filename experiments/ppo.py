@@ -48,7 +48,7 @@ from experiments import common
 from jaxlm import checkpoint, init_source, loop, optim, rl, runtime, sampling, sharding
 from jaxlm.data import chat
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.hf_tokenizer import load_tokenizer
+from jaxlm.hf import load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 from jaxlm.steps import ppo

@@ -26,7 +26,7 @@ The tokenizer travels with the run: `copy_tokenizer` writes it into the new work
 `tokenizer.model` for jaxlm's SentencePiece tokenizers (as before) and as a `tokenizer/`
 directory of the Hugging Face files otherwise, and the run's meta records that path. Every
 later stage (reward -> PPO, SFT -> DPO, export) then starts from THIS run and gets the same
-tokenizer back through `hf_tokenizer.load_tokenizer`, which reads both kinds.
+tokenizer back through `hf.load_tokenizer`, which reads both kinds.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 import jax
 
 from jaxlm import checkpoint, hf, sharding
-from jaxlm.hf_tokenizer import HFTokenizer, load_tokenizer
+from jaxlm.hf import HFTokenizer, load_tokenizer
 from jaxlm.model import Model, ModelConfig
 
 HF_PREFIX = "hf:"
@@ -120,7 +120,7 @@ def load_for_inference(path: str, step: int | None = None) -> tuple[Model, Any, 
 
     The tokenizer is whatever the run recorded in its meta: jaxlm's SentencePiece model or a
     Hugging Face tokenizer directory (runs started from `hf:`), both read by
-    `hf_tokenizer.load_tokenizer`.
+    `hf.load_tokenizer`.
     """
     if is_hf(path):
         if step is not None:
@@ -163,7 +163,7 @@ def save_tokenizer(tokenizer, workdir: str) -> str:
     """Write `tokenizer` into the workdir (process 0; every process waits) and return its path.
 
     A jaxlm SentencePiece Tokenizer becomes `tokenizer.model`; an HFTokenizer its original files
-    under `tokenizer/`, so `hf_tokenizer.load_tokenizer(path)` gives the same tokenizer back.
+    under `tokenizer/`, so `hf.load_tokenizer(path)` gives the same tokenizer back.
     """
     if isinstance(tokenizer, HFTokenizer):
         path = os.path.join(workdir, TOKENIZER_DIR)

@@ -21,7 +21,7 @@ import pytest
 from jaxlm import hf
 from jaxlm import model as model_lib
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
-from jaxlm.hf_tokenizer import HFTokenizer, load_tokenizer
+from jaxlm.hf import HFTokenizer, load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 
@@ -155,7 +155,7 @@ def test_llama3_rope_scaling(torch, tmp_path):
     fields = dict(head_size=16, rope_theta=500_000.0, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
                   rope_high_freq_factor=4.0, rope_original_max_len=64)
     for kind in ("llama3", "linear", "none"):
-        ours = hf.rope_frequencies(SimpleNamespace(rope_scaling=kind, **fields))
+        ours = model_lib.rope_frequencies(SimpleNamespace(rope_scaling=kind, **fields))
         if kind == "none":
             expected = 1.0 / 500_000.0 ** (np.arange(0, 16, 2) / 16)
         else:

@@ -29,7 +29,7 @@ import pytest
 
 from jaxlm import checkpoint, hf, init_source, sampling
 from jaxlm.data import chat
-from jaxlm.hf_tokenizer import HFTokenizer, load_tokenizer
+from jaxlm.hf import HFTokenizer, load_tokenizer
 from jaxlm.model import Model, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -35,7 +35,7 @@ def main(argv):
     import dataclasses
 
     from jaxlm import checkpoint, hf
-    from jaxlm.hf_tokenizer import load_tokenizer
+    from jaxlm.hf import load_tokenizer
     from jaxlm.model import ModelConfig
 
     params, meta = checkpoint.load_params(_CHECKPOINT.value, _STEP.value, item=_ITEM.value)

@@ -87,7 +87,7 @@ def score_responses(rm, params, tokenizer, pairs: Sequence[tuple[str, str]], bat
 def main(argv):
     del argv
     from jaxlm import checkpoint
-    from jaxlm.hf_tokenizer import load_tokenizer
+    from jaxlm.hf import load_tokenizer
     from jaxlm.model import ModelConfig
     from jaxlm.reward_model import ScalarHeadModel
 

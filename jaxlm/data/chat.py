@@ -27,7 +27,7 @@ be a non-empty string; anything else raises ValueError saying which message is w
 pipelines turn that into an error naming the file and line).
 
 Checkpoints from Hugging Face bring their own format. When the tokenizer has a chat template
-(`jaxlm.hf_tokenizer.HFTokenizer` with a `chat_template`, e.g. ChatML's `<|im_start|>` /
+(`jaxlm.hf.HFTokenizer` with a `chat_template`, e.g. ChatML's `<|im_start|>` /
 `<|im_end|>` or Llama 3's headers and `<|eot_id|>`), every function here follows it instead, with
 the same contract: `encode_prompt` renders the conversation with `add_generation_prompt=True`;
 `encode_example` renders the whole conversation, and each assistant turn's targets are the

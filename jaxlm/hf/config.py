@@ -3,7 +3,7 @@
 `model_config_from_hf(read_hf_config(path))` maps a Llama, Mistral or Qwen2 config.json (transformers
 4.x or 5.x RoPE keys) to a `ModelConfig`, raising `UnsupportedCheckpointError` that names every
 option jaxlm's model does not implement; `hf_config_from_model(cfg)` writes one back. No weights
-here: their layouts and I/O are `jaxlm.hf`'s, which re-exports these names.
+here: their layouts and I/O are `jaxlm.hf.weights`'.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Import: `load_pretrained("hf:/path/to/model")` reads a local Hugging Face model directory
 (`config.json`, `model.safetensors` or shards listed in `model.safetensors.index.json`, and the
 tokenizer files) into a jaxlm `ModelConfig`, a params tree and a tokenizer
-(`jaxlm.hf_tokenizer.HFTokenizer`). Every parameter is created with
+(`jaxlm.hf.tokenizer.HFTokenizer`). Every parameter is created with
 `jax.make_array_from_callback` directly in its target sharding (the model's logical axes +
 the rules table): each device's callback reads only its own slice of the tensor from the
 memory-mapped safetensors file, layer by layer for the stacked blocks, so a model larger than
@@ -33,8 +33,8 @@ checkpoints, and PyTorch `.bin` weights. Sliding-window attention (Mistral v0.1,
 capped at the window, with a warning. Left out: multi-process export (the exporter runs in one
 process with the parameters in host memory) and writing LoRA adapters.
 
-The config.json mapping and what it refuses are in `jaxlm.hf_config` (re-exported here); this
-module holds the weight layouts, the safetensors reader and the import/export functions.
+The config.json mapping and what it refuses are in `jaxlm.hf.config`; this module holds the
+weight layouts, the safetensors reader and the import/export functions.
 """
 
 from __future__ import annotations
@@ -53,13 +53,11 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxlm import model as model_lib
 from jaxlm import sharding
-# The config mapping lives in hf_config.py; its names are re-exported so `jaxlm.hf` stays the one entry point.
-from jaxlm.hf_config import (OVERRIDABLE, ROPE_TYPES, SCORE_BIAS_KEY, SUPPORTED_MODEL_TYPES,  # noqa: F401
-                             UnsupportedCheckpointError, hf_config_from_model, model_config_from_hf,
-                             read_hf_config, rope_parameters, strip_prefix)
+from jaxlm.hf.config import (SCORE_BIAS_KEY, UnsupportedCheckpointError, hf_config_from_model, model_config_from_hf,
+                             read_hf_config, strip_prefix)
+from jaxlm.hf.tokenizer import HFTokenizer
 
 log = logging.getLogger(__name__)
-rope_frequencies = model_lib.rope_frequencies  # Re-exported: it lives with the model.
 
 Params = dict[str, Any]
 # jaxlm.data.chat's format as a Hugging Face chat template (written with jaxlm tokenizers on export).
@@ -283,7 +281,7 @@ def load_params(path: str, cfg: model_lib.ModelConfig | None = None, mesh: Mesh 
                              f"{sorted(flat_abstract)}")
         if set(flat_abstract) != set(table):
             raise RuntimeError(f"jaxlm.model's parameters {sorted(flat_abstract)} no longer match the HF weight "
-                               f"table {sorted(table)}: update jaxlm.hf._weight_table")
+                               f"table {sorted(table)}: update jaxlm.hf.weights._weight_table")
         used: set[str] = set()
         flat = {}
         for key, aval in flat_abstract.items():
@@ -346,7 +344,6 @@ def load_pretrained(path: str, mesh: Mesh | None = None, rules=sharding.DEFAULT_
     ModelConfig (see OVERRIDABLE). The tokenizer is an `HFTokenizer` (tokenizer.json or
     tokenizer.model, with the checkpoint's chat template when it has one).
     """
-    from jaxlm.hf_tokenizer import HFTokenizer
 
     path = strip_prefix(os.fspath(path))
     cfg = model_config_from_hf(read_hf_config(path), **overrides)
@@ -360,7 +357,6 @@ def load_pretrained(path: str, mesh: Mesh | None = None, rules=sharding.DEFAULT_
 def load_reward_model(path: str, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES, **overrides):
     """(ModelConfig, {"trunk", "head"} params, tokenizer) of a ...ForSequenceClassification directory
     with one label (e.g. one written by save_pretrained from a jaxlm reward model)."""
-    from jaxlm.hf_tokenizer import HFTokenizer
 
     path = strip_prefix(os.fspath(path))
     hf = read_hf_config(path)
