@@ -30,7 +30,7 @@ import pytest
 from jaxlm import checkpoint, hf, init_source, sampling
 from jaxlm.data import chat
 from jaxlm.hf import HFTokenizer, load_tokenizer
-from jaxlm.model import Model, ModelConfig
+from jaxlm.model import Model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
