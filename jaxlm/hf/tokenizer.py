@@ -47,6 +47,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from jaxlm.data.tokenizer import Tokenizer
+
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 _FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
           "generation_config.json", "chat_template.jinja", "chat_template.json")
@@ -438,6 +440,4 @@ def load_tokenizer(path: str | os.PathLike):
     """
     if is_hf_tokenizer_path(path):
         return HFTokenizer.load(path)
-    from jaxlm.data.tokenizer import Tokenizer
-
     return Tokenizer.load(path)

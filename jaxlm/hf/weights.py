@@ -53,6 +53,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxlm import model as model_lib
 from jaxlm import sharding
+from jaxlm.data.tokenizer import ROLE_MARKERS
 from jaxlm.hf.config import (SCORE_BIAS_KEY, UnsupportedCheckpointError, hf_config_from_model, model_config_from_hf,
                              read_hf_config, strip_prefix)
 from jaxlm.hf.tokenizer import HFTokenizer
@@ -468,8 +469,6 @@ def write_tokenizer(out_dir: str, tokenizer) -> None:
     if hasattr(tokenizer, "save"):
         tokenizer.save(out_dir)
         return
-    from jaxlm.data.tokenizer import ROLE_MARKERS
-
     proto = getattr(tokenizer, "_proto", None)
     if proto is None:
         raise TypeError(f"cannot write tokenizer files for {tokenizer!r}")
