@@ -34,7 +34,7 @@ metrics.jsonl, TensorBoard, checkpoints, SIGTERM (save, exit 0) and the NaN guar
 every stage. Rerunning resumes: generated files are reused (written atomically), training resumes
 from its newest checkpoint, and a run whose eval.json exists is finished.
 
-Left out: multi-process runs (generation and labelling run in one process, like PPO's loop).
+Left out: multi-process runs (generation and labelling run in one process).
 """
 
 from __future__ import annotations

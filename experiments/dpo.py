@@ -30,8 +30,9 @@ DIR/samples.jsonl (greedy answers at each eval), DIR/eval.json (initial vs final
 DIR/checkpoints/ (meta: stage, model, tokenizer, config) and DIR/tokenizer.model. Running the
 same command again resumes from the newest checkpoint (SIGTERM saves one first), bit for bit.
 
-Left out: multi-process runs of the precompute pass and of the generation eval (training itself
-is multi-process like the other stages), and mixing an SFT loss into DPO.
+Training and evaluation run in several processes like every stage (the generation eval gathers
+the parameters on every host and samples locally). Left out: a multi-process precompute pass, and
+mixing an SFT loss into DPO.
 """
 
 from __future__ import annotations
