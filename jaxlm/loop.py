@@ -93,7 +93,8 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
     `place(batch)` puts a host batch where the step expects it (`sharding.global_batch`); `mesh`
     makes the sharding rules visible while the step traces. `initial_eval(state)` runs on a fresh
     start and is logged at step 0. `finalize(state) -> (state, meta)` replaces the last step's
-    state (and extends its meta) before it is saved. `on_finish(state, writer, last_eval)` runs
+    state (and extends its meta) before it is saved, outside the sharding rules (host-side work on
+    whole arrays). `on_finish(state, writer, last_eval)` runs
     once the last step is saved, also when a rerun finds the run already finished.
     Metrics that are strings go to TensorBoard's text tab, not metrics.jsonl.
     `progress_keys` maps progress-bar names to metric keys; `step_outputs` are JSONL files in the
@@ -101,9 +102,11 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
     """
     steps = cadence.steps
     start_step, state = _restore_or_init(ckpt, abstract_state, batches, init_state)
-    _truncate_step_files([os.path.join(workdir, name) for name in step_outputs], start_step)
-    # A fresh start also drops what a run killed before its first checkpoint wrote at step 0.
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if start_step else -1)
+    # Lines past the restored step are written again; a fresh start also drops what a run killed
+    # before its first checkpoint wrote at step 0 (initial_eval writes it again).
+    keep_until = start_step if start_step else -1
+    _truncate_step_files([os.path.join(workdir, name) for name in step_outputs], keep_until)
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=keep_until)
     progress_keys = dict(progress_keys or {"loss": "loss"})
     last_eval: Metrics = {}
     if initial_eval is not None and start_step == 0:
