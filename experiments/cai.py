@@ -224,7 +224,7 @@ def run_sl(cfg, workdir: str):
         workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="cai-sl", step_fn=train_step,
         batches=sft.make_sft_iterator(examples, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
                                       seed=cfg.train.seed, pad_id=max(tokenizer.pad_id, 0)),
-        place=lambda batch: sharding.global_batch(batch, mesh), mesh=mesh,
+        place=common.placer(mesh), mesh=mesh,
         init_state=lambda: train_state_from_params(  # CAI's root key is PRNGKey(seed) itself (not folded).
             init_source.load_params(cfg.init_from, shardings=state_sh.params)[0], optimizer, state_sh,
             jax.random.PRNGKey(cfg.train.seed)),
