@@ -259,10 +259,7 @@ def _run_reward(workdir, *extra):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_binary_end_to_end_normalises_and_reports(tok, tmp_path):
-    """A run from a (fake) SFT trunk: ln 2 at the start, eval.json, the head normalised on the
-    policy's samples, and a rerun that only reports. Resuming is the shared loop's
-    (tests/test_loop.py; the reward model's, with its normalisation, in test_multiprocess_stages.py)."""
+def test_binary_end_to_end_with_crash_and_exact_resume(tok, tmp_path):
     rng = np.random.RandomState(0)
     words = "two three four five yes no it is the cat sorry help".split()
     records = [{"prompt": " ".join(rng.choice(words, 4)) + "?", "chosen": " ".join(rng.choice(words, 3)) + ".",
@@ -272,11 +269,20 @@ def test_binary_end_to_end_normalises_and_reports(tok, tmp_path):
     args = [f"--config.init_from={sft_dir}", f"--config.data.train_files={train}",
             f"--config.data.valid_files={valid}"]
 
-    run = _run_reward(workdir, *args)
-    assert run.returncode == 0, run.stderr[-3000:]
-    by_step = {m["step"]: m for m in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in m}
+    crashed = _run_reward(workdir, *args, "--config.train.crash_after_step=6")
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    before = {m["step"]: m for m in map(json.loads, open(workdir / "metrics.jsonl"))}
+    assert sorted(before) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(before[1]["loss"], LN2, rtol=1e-6)  # zero head on a real trunk
+
+    resumed = _run_reward(workdir, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 4" in resumed.stdout
+    after = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    by_step = {m["step"]: m for m in after if "loss" in m}
     assert sorted(by_step) == list(range(1, 9))
-    np.testing.assert_allclose(by_step[1]["loss"], LN2, rtol=1e-6)  # zero head on a real trunk
+    for s in (5, 6):  # recomputed after the resume: the same numbers, bit for bit
+        assert by_step[s]["loss"] == before[s]["loss"] and by_step[s]["grad_norm"] == before[s]["grad_norm"]
 
     report = json.load(open(workdir / "eval.json"))
     assert report["pairs"] == 20 and 0.0 <= report["accuracy"] <= 1.0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint, logprobs, optim, sampling
-from jaxlm.data import sft
+from jaxlm.data import chat, sft
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
@@ -146,9 +146,7 @@ def _run_sft(workdir, data_dir, tokenizer_path, *extra):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-def test_binary_on_tinyworld_judges_before_and_after(tmp_path):
-    """A smoke run on TinyWorld: the judge before (step 0) and after, eval loss, samples, meta.
-    Resuming is the shared loop's (tests/test_loop.py; SFT's in tests/test_multiprocess_stages.py)."""
+def test_binary_on_tinyworld_with_crash_and_exact_resume(tmp_path):
     from jaxlm.data import tinyworld
     data_dir = tmp_path / "data"
     tinyworld.make_all(str(data_dir), log=lambda _: None, corpus_train=4, corpus_valid=4, sft_train=300, sft_valid=24,
@@ -158,13 +156,21 @@ def test_binary_on_tinyworld_judges_before_and_after(tmp_path):
                                         tmp_path / "tok", 512)
     workdir = tmp_path / "sft"
 
-    run = _run_sft(workdir, data_dir, tok.path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "Initial model: gold-judge score" in run.stdout
+    crashed = _run_sft(workdir, data_dir, tok.path, "--config.train.crash_after_step=6")
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    assert "Initial model: gold-judge score" in crashed.stdout
+    before = {m["step"]: m for m in map(json.loads, open(workdir / "metrics.jsonl"))}
+    assert sorted(before) == [0, 1, 2, 3, 4, 5, 6]  # step 0: the initial model's judge score
+
+    resumed = _run_sft(workdir, data_dir, tok.path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 4" in resumed.stdout and "Initial model" not in resumed.stdout
     by_step = {}
     for m in map(json.loads, open(workdir / "metrics.jsonl")):
         by_step.setdefault(m["step"], {}).update(m)
-    assert sorted(by_step) == list(range(9))  # step 0: the initial model's judge score
+    assert sorted(by_step) == list(range(9))
+    for s in (5, 6):  # recomputed after the resume: the same numbers, bit for bit
+        assert by_step[s]["loss"] == before[s]["loss"] and by_step[s]["grad_norm"] == before[s]["grad_norm"]
     assert "eval_loss" in by_step[8] and "judge_score" in by_step[8] and "judge_score" in by_step[0]
 
     report = json.load(open(workdir / "eval.json"))
