@@ -6,7 +6,6 @@ What every training binary shares beyond this (the loop, SIGTERM, the NaN guard)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -37,7 +36,3 @@ def start(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> str:
 def mesh_from_config(cfg: ml_collections.ConfigDict):
     m = cfg.mesh
     return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
-
-
-def config_dict(obj) -> dict:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
