@@ -84,7 +84,8 @@ def sft_iterator(cfg, examples: sft.ChatExamples, tokenizer, *, train: bool):
 def load_examples(cfg, files: str, tokenizer) -> sft.ChatExamples:
     examples = sft.ChatExamples(files.split(","), tokenizer, seq_len=cfg.data.seq_len, too_long=cfg.data.too_long,
                                 skip_bad_records=cfg.data.skip_bad_records, prompt_field=cfg.data.prompt_field,
-                                response_field=cfg.data.response_field, messages_field=cfg.data.messages_field)
+                                response_field=cfg.data.response_field, messages_field=cfg.data.messages_field,
+                                last_turn_only=cfg.data.last_turn_only)
     if examples.report():
         print(f"{files}: {examples.report()}", flush=True)
     return examples

@@ -87,6 +87,37 @@ def test_multi_turn_mask_covers_every_assistant_turn_and_its_eos(tok):
     assert chat.encode_prompt(tok, msgs[:4])[-1] == ids["assistant"]
 
 
+def test_continuation_masks_only_the_turns_after_the_prompt(tok):
+    """A multi-turn prompt's assistant turns are context: only the continuation is learned.
+
+    Reference: DPO's log-probs are of the response y given the prompt x, log π(y|x) (Rafailov et
+    al. 2023, eq. 7), and TRL's DPO masks the whole prompt, earlier assistant turns included
+    (`prompt_input_ids` get no labels). Preference sides and SFT's `last_turn_only` use this.
+    """
+    from jaxlm.data.preferences import PreferenceParser
+
+    msgs = [{"role": "user", "content": "what is two?"}, {"role": "assistant", "content": "it is two."},
+            {"role": "user", "content": "and three?"}]
+    chosen, rejected = "three.", "no."
+    tokens, mask = chat.encode_continuation(tok, msgs, [{"role": "assistant", "content": chosen}])
+    head = chat.encode_prompt(tok, msgs)
+    assert tokens == head + tok.encode(chosen) + [tok.eos_id]
+    assert mask == [0] * len(head) + [1] * (len(tok.encode(chosen)) + 1)
+    assert sum(chat.encode_example(tok, msgs + [{"role": "assistant", "content": chosen}])[1]) > sum(mask)
+
+    pair = PreferenceParser(tok, max_len=SEQ_LEN)({"prompt": msgs, "chosen": chosen, "rejected": rejected})
+    for side, text in (("chosen", chosen), ("rejected", rejected)):
+        learned = [t for t, m in zip(pair[f"{side}_tokens"], pair[f"{side}_loss_mask"]) if m]
+        assert learned == tok.encode(text) + [tok.eos_id], side
+
+    record = {"messages": msgs + [{"role": "assistant", "content": chosen}]}
+    every = sft.ChatExampleParser(tok, max_len=SEQ_LEN)(record)
+    last = sft.ChatExampleParser(tok, max_len=SEQ_LEN, last_turn_only=True)(record)
+    np.testing.assert_array_equal(every["tokens"], last["tokens"])
+    assert [int(t) for t, m in zip(last["tokens"], last["loss_mask"]) if m] == tok.encode(chosen) + [tok.eos_id]
+    assert every["loss_mask"].sum() == last["loss_mask"].sum() + len(tok.encode("it is two.")) + 1
+
+
 @pytest.mark.parametrize("args, message", [
     (("", "x"), "prompt is empty"),
     (("hi", "  "), "response is empty"),

@@ -396,6 +396,20 @@ def test_tokenizer_json_matches_transformers(torch, bpe_dir):
     assert ids[len(prompt) - 1] == tok.encode("\n")[-1] and mask[len(prompt)] == 1 and mask[len(prompt) - 1] == 0
 
 
+def test_chat_template_continuation_masks_only_the_final_turn(bpe_dir):
+    """With a chat template too, a preference side learns only its own turn (the prompt's
+    earlier assistant turn is context; see test_chat's continuation test for the reference)."""
+    from jaxlm.data import chat
+
+    tok = HFTokenizer.load(str(bpe_dir))
+    ids, mask = chat.encode_continuation(tok, MESSAGES[:4], MESSAGES[4:])
+    full_ids, full_mask = chat.encode_example(tok, MESSAGES)
+    assert ids == full_ids
+    targets = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(targets) == "Blue, I think." and targets.count(tok.eos_id) == 1
+    assert sum(full_mask) - sum(mask) == len(tok.encode("It is red.")) + 1
+
+
 def test_sentencepiece_checkpoint_tokenizer(tmp_path):
     """A Llama-2-style tokenizer.model (dummy prefix, byte fallback): same ids and text as SentencePiece."""
     import sentencepiece as spm

@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
         dir="",  # Where TinyWorld's files are (or are generated). Empty: WORKDIR/data.
         tinyworld=ml_collections.ConfigDict(dict(seed=0, **DEFAULT_SIZES)),  # make_all() arguments.
         prompt_field="prompt", response_field="response", messages_field="messages",
+        last_turn_only=False,  # messages records: learn only the last assistant turn (earlier ones are context).
         too_long="error",  # Conversations over seq_len: 'error' (file:line), 'skip' or 'truncate' (counted).
         skip_bad_records=False,  # True: skip malformed records and report how many.
         tokenizer="",  # Fresh model only: a SentencePiece .model; empty: train one on the SFT text.

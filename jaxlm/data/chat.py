@@ -17,7 +17,8 @@ begins. So a sampled response ends at EOS, and `decode_response` stops there.
 Loss mask (the pipeline's convention: `loss_mask[t] = 1` means token t is a target, predicted
 from the tokens before it): 1 on every assistant token and on the EOS closing each assistant
 turn; 0 on BOS, markers, system and user text. Multi-turn conversations learn every assistant
-turn. Packing keeps this mask per example (`jaxlm.data.packing`), and the next-token targets
+turn (`encode_continuation` learns only the turns after a given prompt: preference sides, and
+SFT's `last_turn_only`). Packing keeps this mask per example (`jaxlm.data.packing`), and the next-token targets
 never cross a segment boundary (`losses.next_token_targets`).
 
 Inputs are either a prompt string (plus a response string) or a list of messages
@@ -181,6 +182,27 @@ def encode_example(tokenizer, prompt_or_messages: str | Sequence[Mapping[str, An
     if has_chat_template(tokenizer):
         return _encode_with_template(tokenizer, messages)
     return _encode(tokenizer, messages)
+
+
+def encode_continuation(tokenizer, prompt: str | Sequence[Mapping[str, Any]],
+                        continuation: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
+    """(tokens, loss_mask) of prompt + continuation, learning only the continuation's assistant turns.
+
+    For preference sides and last-turn-only SFT: earlier assistant turns inside a multi-turn
+    prompt (HH-RLHF style) are context, not response, so they must not count as targets (they
+    would enter length-averaged DPO, IPO, the NLL term and the logged log-probs). The prompt must
+    end with a user message; its tokens (`encode_prompt`) must be a prefix of the whole
+    conversation's, which holds for jaxlm's format and is checked for a chat template.
+    """
+    prompt_messages = to_messages(prompt)
+    if prompt_messages[-1]["role"] != USER:
+        raise ValueError("the prompt must end with a user message")
+    tokens, mask = encode_example(tokenizer, prompt_messages + [dict(m) for m in continuation])
+    head = encode_prompt(tokenizer, prompt_messages)
+    if tokens[:len(head)] != head:
+        raise ValueError("the chat template renders the prompt differently inside the whole conversation, so "
+                         "the response tokens cannot be told apart from the prompt's")
+    return tokens, [0] * len(head) + mask[len(head):]
 
 
 def encode_prompt(tokenizer, prompt_or_messages: str | Sequence[Mapping[str, Any]]) -> list[int]:

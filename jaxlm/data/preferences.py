@@ -5,15 +5,15 @@ the probability that `chosen` is preferred (soft labels from AI feedback; absent
 prompt is a string or a message list ending with a user turn; `chosen` and `rejected` are
 strings (one assistant turn) or message lists continuing the conversation and ending with an
 assistant turn. Each side is encoded with the chat template as prompt + response
-(`jaxlm.data.chat.encode_example`), one sequence per row, padded on the right:
+(`jaxlm.data.chat.encode_continuation`), one sequence per row, padded on the right:
 
     chosen_tokens, chosen_positions, chosen_segment_ids, chosen_loss_mask      [B, T] int32
     rejected_tokens, rejected_positions, rejected_segment_ids, rejected_loss_mask
     label   [B] float32   P(chosen preferred); 1.0 when the record has none
     weight  [B] float32   1 for a real pair, 0 for a padding row that completes the last batch
 
-`*_loss_mask` covers the response tokens and their EOS (as in SFT), which is what DPO sums
-log-probs over; a reward model reads its score at the last real token (the closing EOS), so
+`*_loss_mask` covers the side's own assistant tokens and their EOS, never the prompt's (earlier
+assistant turns of a multi-turn prompt are context), which is what DPO sums log-probs over; a reward model reads its score at the last real token (the closing EOS), so
 right padding never changes a score. Segment ids are 1 on real tokens and 0 on padding.
 
 Bad records fail at start-up with their file and line (`DocumentSource` parses every record
@@ -96,7 +96,7 @@ class PreferenceParser:
             raise ValueError("chosen and rejected are identical")
         out = {"label": self._label(obj)}
         for side in SIDES:
-            tokens, loss_mask = chat.encode_example(self.tokenizer, prompt + sides[side])
+            tokens, loss_mask = chat.encode_continuation(self.tokenizer, prompt, sides[side])
             out[f"{side}_tokens"], out[f"{side}_loss_mask"] = tokens, loss_mask
         return out
 

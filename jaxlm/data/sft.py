@@ -44,14 +44,17 @@ class ChatExampleParser:
     """JSON object -> {tokens, loss_mask} (int32 arrays), or None when skipped as too long.
 
     Records are `{prompt_field: str, response_field: str}` or `{messages_field: [{role,
-    content}, ...]}` (ending with an assistant turn). `num_too_long` counts the records over
+    content}, ...]}` (ending with an assistant turn). Every assistant turn of a conversation is
+    learned, or with `last_turn_only` just the last one (the earlier turns are context, as in a
+    preference pair's prompt; `chat.encode_continuation`). `num_too_long` counts the records over
     `max_len` seen by this parser (skipped or truncated). A class, so it pickles for grain.
     """
 
     def __init__(self, tokenizer, *, max_len: int, too_long: str = "error", prompt_field: str = "prompt",
-                 response_field: str = "response", messages_field: str = "messages"):
+                 response_field: str = "response", messages_field: str = "messages", last_turn_only: bool = False):
         check_too_long_policy(too_long)
         self.tokenizer, self.max_len, self.too_long = tokenizer, max_len, too_long
+        self.last_turn_only = last_turn_only
         self.prompt_field, self.response_field, self.messages_field = prompt_field, response_field, messages_field
         self.num_too_long = 0
 
@@ -60,6 +63,8 @@ class ChatExampleParser:
             messages = obj[self.messages_field]
             if not isinstance(messages, list):
                 raise TypeError(f"field {self.messages_field!r} is {type(messages).__name__}, expected a list")
+            if self.last_turn_only and len(messages) > 1:
+                return chat.encode_continuation(self.tokenizer, messages[:-1], messages[-1:])
             return chat.encode_example(self.tokenizer, messages)
         if self.prompt_field in obj or self.response_field in obj:
             for field in (self.prompt_field, self.response_field):
@@ -91,9 +96,10 @@ class ChatExamples(DocumentSource):
 
     def __init__(self, patterns: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *, seq_len: int,
                  too_long: str = "error", skip_bad_records: bool = False, prompt_field: str = "prompt",
-                 response_field: str = "response", messages_field: str = "messages"):
+                 response_field: str = "response", messages_field: str = "messages", last_turn_only: bool = False):
         parser = ChatExampleParser(tokenizer, max_len=seq_len, too_long=too_long, prompt_field=prompt_field,
-                                   response_field=response_field, messages_field=messages_field)
+                                   response_field=response_field, messages_field=messages_field,
+                                   last_turn_only=last_turn_only)
         super().__init__(patterns, parse=parser, skip_bad_records=skip_bad_records)
         self.too_long = too_long
         self.num_too_long = parser.num_too_long  # counted while indexing: once per record
