@@ -127,6 +127,18 @@ def _last_real_token(mask: Array) -> Array:
     return (onehot & jnp.any(real, axis=-1, keepdims=True)).astype(jnp.float32)
 
 
+REWARD_KL_KINDS = ("k1",)
+
+
+def check_reward_kl_kind(kind: str) -> None:
+    """Refuse a KL estimator that, used as a per-token reward, does not optimise the KL objective."""
+    if kind not in REWARD_KL_KINDS:
+        raise ValueError(
+            f"kl_kind={kind!r}: only 'k1' is a correct per-token KL reward. As a fixed reward, k2's and k3's "
+            "policy-gradient expectations are not the gradient of KL(pi || ref) (k3 is correct only as a "
+            "differentiated loss term, as GRPO uses it); both are still logged (kl_k3 in the metrics).")
+
+
 def token_level_rewards(
     score: Array,
     logp: Array,
@@ -148,7 +160,10 @@ def token_level_rewards(
 
     This is the InstructGPT objective ``r(x, y) - β log(π/π_ref)`` spread over tokens: the
     sequence-level score arrives once at the end, the KL is paid per token (so GAE can credit
-    it locally). The default ``k1`` is the estimator lm-human-preferences and TRL use here. The
+    it locally). Only ``k1`` is accepted: a per-token reward enters the policy gradient as a
+    fixed weight on ∇log π, and ``E_π[k ∇log π] = ∇KL(π‖π_ref)`` holds for k1 only (the
+    score-function gradients of k2 and k3 differ from ∇KL in sign and size; k3 is correct as a
+    *differentiated* loss term, as GRPO uses it). k2 and k3 remain for logging. The
     missing-EOS penalty (TRL's ``missing_eos_penalty``) discourages truncated answers that the
     reward model would otherwise score as if finished.
 
@@ -158,13 +173,14 @@ def token_level_rewards(
         (same temperature).
       mask: ``[B, T]`` 1 on real response tokens.
       kl_coef: β (a float, or ``AdaptiveKLState.value``).
-      kl_kind: ``'k1'``, ``'k2'`` or ``'k3'``.
+      kl_kind: ``'k1'`` (the only estimator that is a correct reward; see above).
       missing_eos_penalty: optional amount subtracted from ``score`` of rows without EOS.
       ended_with_eos: ``[B]`` bool, required with ``missing_eos_penalty``.
 
     Returns:
       ``(rewards [B, T], kl [B, T])``, both 0 where ``mask = 0``; ``kl`` is for logging.
     """
+    check_reward_kl_kind(kl_kind)
     m = _f32(mask)
     kl = jnp.where(m > 0, kl_estimate(logp, ref_logp, kl_kind), 0.0)
     score = _f32(score)

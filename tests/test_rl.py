@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import losses, rl
+from jaxlm.steps import ppo
 
 gae = jax.jit(rl.gae)
 whiten = jax.jit(rl.whiten, static_argnames="shift_mean")
@@ -156,22 +157,59 @@ def test_token_level_rewards_hand_case():
     np.testing.assert_allclose(no_penalty[1, 3], -beta * 5.0 + 3.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", losses.KL_KINDS)
-def test_token_level_rewards_kl_kinds(kind):
+def test_token_level_rewards_kl():
     rng = np.random.default_rng(4)
     logp = -rng.random((2, 5)).astype(np.float32)
     ref = -rng.random((2, 5)).astype(np.float32)
     mask = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], np.float32)
-    rewards, kl = token_level_rewards(np.zeros(2, np.float32), logp, ref, mask, kl_coef=0.05,
-                                      kl_kind=kind)
-    want_kl = np.where(mask > 0, np.asarray(losses.kl_estimate(logp, ref, kind)), 0.0)
+    rewards, kl = token_level_rewards(np.zeros(2, np.float32), logp, ref, mask, kl_coef=0.05)
+    want_kl = np.where(mask > 0, logp - ref, 0.0)
     np.testing.assert_allclose(kl, want_kl, rtol=1e-6)
     np.testing.assert_allclose(rewards, -0.05 * want_kl, rtol=1e-6)
     # policy == reference: rewards are exactly the score at the last token
-    rewards, kl = token_level_rewards(np.array([1.0, 2.0]), logp, logp, mask, kl_coef=0.05,
-                                      kl_kind=kind)
+    rewards, kl = token_level_rewards(np.array([1.0, 2.0]), logp, logp, mask, kl_coef=0.05)
     np.testing.assert_array_equal(kl, 0.0)
     np.testing.assert_array_equal(rewards, [[0, 0, 1, 0, 0], [0, 0, 0, 0, 2]])
+
+
+def test_only_k1_is_a_correct_kl_reward():
+    """Exact check on a 4-way categorical π_θ = softmax(θ) against a fixed reference.
+
+    A per-token reward r(x) enters the policy gradient as E_π[r(x) ∇log π(x)]. With r = −k, the
+    penalty's gradient is ∇KL(π‖π_ref) only for k1 = log π/π_ref: ∇KL = Σ ∇π·(log π/π_ref) +
+    Σ π ∇log π, and the last sum is 0 (Schulman, "Approximating KL divergence", 2020). k2's and
+    k3's score-function gradients differ from ∇KL, so they are refused as rewards.
+
+    Differentiated as loss terms on on-policy samples (no fixed weight): E_π[∇k2] = E_π[k1 ∇log π]
+    = ∇KL(π‖π_ref) exactly, while E_π[∇k3] = −Σ π_ref ∇log π = ∇KL(π_ref‖π), the *reverse* KL
+    (GRPO's β·k3 term; Zhang et al. 2025, "On the design of KL-regularized policy gradient
+    algorithms for LLM reasoning"): the same minimum at π = π_ref, a different gradient elsewhere.
+    """
+    theta = jnp.array([0.3, -1.2, 0.8, 0.1])
+    ref_logp = jax.nn.log_softmax(jnp.array([-0.5, 0.4, 0.2, -1.0]))
+    kl = lambda t: jnp.sum(jax.nn.softmax(t) * (jax.nn.log_softmax(t) - ref_logp))
+    exact = np.asarray(jax.grad(kl)(theta))
+
+    def score_function_gradient(kind):
+        logp = jax.nn.log_softmax(theta)
+        k = jax.lax.stop_gradient(losses.kl_estimate(logp, ref_logp, kind))  # a fixed reward weight
+        return np.asarray(jax.grad(lambda t: jnp.sum(jax.nn.softmax(theta) * k * jax.nn.log_softmax(t)))(theta))
+
+    np.testing.assert_allclose(score_function_gradient("k1"), exact, rtol=1e-5, atol=1e-7)
+    for kind in ("k2", "k3"):
+        assert np.max(np.abs(score_function_gradient(kind) - exact)) > 0.05 * np.max(np.abs(exact)), kind
+    as_loss = lambda kind: np.asarray(jax.grad(lambda t: jnp.sum(
+        jax.nn.softmax(theta) * losses.kl_estimate(jax.nn.log_softmax(t), ref_logp, kind)))(theta))
+    np.testing.assert_allclose(as_loss("k2"), exact, rtol=1e-5, atol=1e-7)
+    reverse_kl = lambda t: jnp.sum(jnp.exp(ref_logp) * (ref_logp - jax.nn.log_softmax(t)))
+    np.testing.assert_allclose(as_loss("k3"), np.asarray(jax.grad(reverse_kl)(theta)), rtol=1e-5, atol=1e-7)
+    assert np.max(np.abs(as_loss("k3") - exact)) > 0.05 * np.max(np.abs(exact))
+    for kind in ("k2", "k3"):
+        with pytest.raises(ValueError, match="only 'k1' is a correct per-token KL reward"):
+            rl.token_level_rewards(np.zeros(1), np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), kl_coef=0.1,
+                                   kl_kind=kind)
+        with pytest.raises(ValueError, match="only 'k1'"):
+            ppo.PPOConfig(kl_kind=kind)
 
 
 def test_token_level_rewards_needs_eos_flags():

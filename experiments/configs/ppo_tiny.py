@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
         minibatch_size=8,  # Rows per optimizer step; batch_size must be a multiple.
         grad_accum=1,  # Microbatches per minibatch (exact: token-level normalisation).
         clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95,
-        kl_kind="k1",  # Per-token KL estimator in the reward (k1 as InstructGPT; k3 is non-negative).
+        kl_kind="k1",  # Per-token KL estimator in the reward: k1 only (k2/k3 as a reward bias the gradient).
         entropy_coef=0.0,
         whiten_advantages=True,
     ))

@@ -77,7 +77,8 @@ class PPOConfig:
       value_clip_eps: value clip ε, in reward units (0.2 in lm-human-preferences).
       gamma, lam: GAE discount and λ. γ = 1: an episode is one response. λ < 1 lowers variance
         at the price of bias from an imperfect critic (0.95 in lm-human-preferences and TRL).
-      kl_kind: per-token KL estimator of the penalty in the rewards ('k1', as InstructGPT).
+      kl_kind: per-token KL estimator of the penalty in the rewards: 'k1' only, as InstructGPT
+        (`rl.check_reward_kl_kind` says why k2/k3 are refused; k3 is logged).
       entropy_coef: optional entropy bonus in the policy loss (0: none, as lm-human-preferences).
       whiten_advantages: whiten advantages over the rollout batch (mean 0, variance 1).
       missing_eos_penalty: subtracted from the score of responses that never emit EOS (0: none).
@@ -102,8 +103,7 @@ class PPOConfig:
             raise ValueError(f"clip_eps and value_clip_eps must be > 0, got {self.clip_eps}, {self.value_clip_eps}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.kl_kind not in losses.KL_KINDS:
-            raise ValueError(f"kl_kind must be one of {losses.KL_KINDS}, got {self.kl_kind!r}")
+        rl.check_reward_kl_kind(self.kl_kind)
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
 
