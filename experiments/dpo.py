@@ -85,8 +85,8 @@ def prepare_data(cfg, workdir: str) -> dict:
 def loss_config(cfg) -> tuple[losses.DPOConfig, dict]:
     """The loss (validated) and the step options."""
     loss = losses.DPOConfig(beta=cfg.loss.beta, loss_type=cfg.loss.type, label_smoothing=cfg.loss.label_smoothing)
-    options = dict(soft_labels=cfg.loss.soft_labels, average_log_probs=cfg.loss.average_log_probs,
-                   nll_weight=cfg.loss.rpo_alpha)
+    options = dict(soft_labels=cfg.loss.soft_labels, nll_weight=cfg.loss.rpo_alpha,
+                   average_log_probs=dpo.averages_log_probs(loss, cfg.loss.average_log_probs))
     try:
         dpo.check_options(loss, soft_labels=cfg.loss.soft_labels, nll_weight=cfg.loss.rpo_alpha)
     except ValueError as e:
@@ -272,7 +272,8 @@ def main(argv):
     eval_records = []
     if files["tinyworld"] and files["prompts"] and cfg.eval.judge:
         eval_records = read_prompts(cfg, files["prompts"])
-    print(f"DPO ({loss.loss_type}, β={loss.beta}): {model_cfg.num_params() / 1e6:.2f}M parameters; mesh "
+    sides = "length-averaged" if options["average_log_probs"] else "summed"
+    print(f"DPO ({loss.loss_type}, β={loss.beta}, {sides} log-probs): {model_cfg.num_params() / 1e6:.2f}M parameters; mesh "
           f"{sharding.describe(mesh)}; {steps} steps of {cfg.data.batch_size} pairs; {len(train_pairs)} training "
           f"pairs; reference {'precomputed' if precompute else 'on the fly'} from {reference}", flush=True)
 

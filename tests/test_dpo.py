@@ -219,6 +219,12 @@ def test_gradient_accumulation_soft_labels_and_length_averaging(setup):
     np.testing.assert_array_equal(nc, batch["chosen_loss_mask"].sum(-1))  # response tokens + EOS
     np.testing.assert_allclose(t["delta"], (c - rc) / nc - (r - rr) / nr, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(t["loss"], (np.asarray(t["delta"]) - 1 / (2 * 0.1)) ** 2, rtol=1e-5)
+    # IPO averages by default: its target margin 1/(2β) is per token (Azar et al. 2023, §5; TRL's
+    # DPOTrainer averages for loss_type="ipo"); summed log-probs would regress 5 nats per sequence.
+    default = dpo.pair_terms(MODEL, policy, batch, ref, ipo)[2]
+    np.testing.assert_array_equal(np.asarray(default["delta"]), np.asarray(t["delta"]))
+    assert dpo.averages_log_probs(ipo) and not dpo.averages_log_probs(ipo, False)
+    assert not dpo.averages_log_probs(cfg) and dpo.averages_log_probs(cfg, True)
 
 
 # ------------------------------------------------------------------------------------------------

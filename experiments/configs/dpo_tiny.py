@@ -37,7 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
         beta=0.1,  # Strength of the implicit KL to the reference (the DPO paper's default).
         label_smoothing=0.0,  # cdpo/robust: assumed rate of flipped labels.
         soft_labels=False,  # sigmoid/cdpo: train on the `label` field (P(chosen preferred), AI feedback).
-        average_log_probs=False,  # Length-average each side's log-probs (IPO's choice).
+        # Length-average each side's log-probs. None: by the loss, True for IPO (its margin target is per token),
+        # False for the others.
+        average_log_probs=ml_collections.config_dict.placeholder(bool),
         rpo_alpha=0.0,  # RPO: + alpha x the chosen response's mean token NLL per pair (0 = plain DPO).
     ))
     c.data = ml_collections.ConfigDict(dict(

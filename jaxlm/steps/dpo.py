@@ -22,7 +22,9 @@ Design decisions:
   smoothing ε = 1 − label in the sigmoid/cDPO loss, −p log σ(βΔ) − (1 − p) log σ(−βΔ): the
   cross-entropy against the label, exactly as the reward model's soft Bradley-Terry loss.
 - **Length averaging** (`average_log_probs`, IPO's and SimPO's choice) divides each side's
-  log-probs, policy and reference alike, by its number of response tokens.
+  log-probs, policy and reference alike, by its number of response tokens. `None` (the
+  default) follows the loss: on for IPO, whose target margin 1/(2β) is per token in the paper
+  (Azar et al. 2023; TRL averages for IPO), off for the others (DPO's log π(y|x) is summed).
 - **RPO** (`nll_weight` α > 0; Pang et al. 2024, "Iterative Reasoning Preference Optimization";
   TRL's `rpo_alpha`) adds α times the chosen response's mean per-token negative log-likelihood
   to each pair's loss. Plain DPO only pushes the margin, and on small models it typically does
@@ -67,6 +69,11 @@ def check_options(cfg: losses.DPOConfig, *, soft_labels: bool, nll_weight: float
                          f"label_smoothing={cfg.label_smoothing} would be applied on top")
 
 
+def averages_log_probs(cfg: losses.DPOConfig, average_log_probs: bool | None = None) -> bool:
+    """Whether each side's log-probs are length-averaged: as given, or by default for IPO only."""
+    return cfg.loss_type == "ipo" if average_log_probs is None else bool(average_log_probs)
+
+
 def pair_log_probs(model, params, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(log π(y_c) [B], log π(y_r) [B], response tokens of y_c [B], of y_r [B]), one forward pass.
 
@@ -92,12 +99,13 @@ def reference_log_probs(model, ref_params, batch: Batch) -> dict[str, jax.Array]
 
 
 def pair_terms(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, *, soft_labels: bool = False,
-               average_log_probs: bool = False, nll_weight: float = 0.0
+               average_log_probs: bool | None = None, nll_weight: float = 0.0, reference_model=None
                ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(loss_sum, number of real pairs, per-pair terms [B]) for one preference batch.
 
     The reference log-probs are `batch["ref_chosen_logp"]`/`["ref_rejected_logp"]` if present,
-    else computed with `ref_params`. Per-pair terms: `losses.dpo_loss`'s aux (loss,
+    else computed with `ref_params` by `reference_model` (default `model`; LoRA's reference is the
+    plain model on the base, the adapters off). Per-pair terms: `losses.dpo_loss`'s aux (loss,
     chosen_rewards, rejected_rewards, accuracy, margin) plus `delta` (Δ), `chosen_logp`,
     `rejected_logp` (the policy's, summed or length-averaged as the loss used them) and
     `chosen_nll` (mean per-token negative log-likelihood of the chosen response); with
@@ -111,9 +119,9 @@ def pair_terms(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, *
     elif ref_params is None:
         raise ValueError(f"the batch has no precomputed {REF_KEYS} and no reference parameters were given")
     else:
-        ref = reference_log_probs(model, ref_params, batch)
+        ref = reference_log_probs(reference_model or model, ref_params, batch)
     ref_chosen, ref_rejected = (jnp.asarray(ref[k], jnp.float32) for k in REF_KEYS)
-    if average_log_probs:
+    if averages_log_probs(cfg, average_log_probs):
         chosen, ref_chosen = chosen / jnp.maximum(n_chosen, 1.0), ref_chosen / jnp.maximum(n_chosen, 1.0)
         rejected, ref_rejected = rejected / jnp.maximum(n_rejected, 1.0), ref_rejected / jnp.maximum(n_rejected, 1.0)
     smoothing = 1.0 - jnp.asarray(batch["label"], jnp.float32) if soft_labels else cfg.label_smoothing
@@ -142,15 +150,17 @@ def batch_loss(model, params, batch: Batch, ref_params, cfg: losses.DPOConfig, *
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule | None,
-                    cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool = False,
-                    nll_weight: float = 0.0, grad_accum: int = 1) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+                    cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool | None = None,
+                    nll_weight: float = 0.0, grad_accum: int = 1, reference_model=None
+                    ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
     """step(state, batch, ref_params) -> (state, metrics); ref_params=None with precomputed reference log-probs.
 
     Jit with `donate_argnums=0` only: the reference must never be donated (or aliased with the
-    policy's parameters, which are donated).
+    policy's parameters, which are donated). `reference_model` runs `ref_params` (default `model`).
     """
     check_options(cfg, soft_labels=soft_labels, nll_weight=nll_weight)
-    options = dict(soft_labels=soft_labels, average_log_probs=average_log_probs, nll_weight=nll_weight)
+    options = dict(soft_labels=soft_labels, average_log_probs=average_log_probs, nll_weight=nll_weight,
+                   reference_model=reference_model)
 
     def loss_fn(params, batch, ref_params):
         loss_sum, count, sums = batch_loss(model, params, batch, ref_params, cfg, **options)
@@ -168,14 +178,15 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
     return step
 
 
-def make_eval_step(model, cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool = False,
-                   nll_weight: float = 0.0) -> Callable[[Any, Batch, Any], dict[str, jax.Array]]:
+def make_eval_step(model, cfg: losses.DPOConfig, *, soft_labels: bool = False, average_log_probs: bool | None = None,
+                   nll_weight: float = 0.0, reference_model=None) -> Callable[[Any, Batch, Any], dict[str, jax.Array]]:
     """eval_step(params, batch, ref_params) -> {METRICS sums, pairs}; add over batches, then `finish_eval`."""
     check_options(cfg, soft_labels=soft_labels, nll_weight=nll_weight)
 
     def eval_step(params, batch, ref_params):
         _, count, sums = batch_loss(model, params, batch, ref_params, cfg, soft_labels=soft_labels,
-                                    average_log_probs=average_log_probs, nll_weight=nll_weight)
+                                    average_log_probs=average_log_probs, nll_weight=nll_weight,
+                                    reference_model=reference_model)
         return {**sums, "pairs": count}
 
     return eval_step
