@@ -254,15 +254,18 @@ def bradley_terry_loss(
 ) -> tuple[Array, Array, dict[str, Array]]:
     """Bradley-Terry pairwise loss for reward models (InstructGPT; Llama 2 for the margin).
 
-    With ``Δ = r_c - r_r`` and ``z = Δ - m``:
+    With ``Δ = r_c - r_r`` and margin ``m``:
 
-    - hard labels: ``-log σ(z)`` (``m = 0`` is the InstructGPT loss; ``m > 0`` is Llama 2's
+    - hard labels: ``-log σ(Δ - m)`` (``m = 0`` is the InstructGPT loss; ``m > 0`` is Llama 2's
       margin loss, which asks for a larger gap on pairs the raters found clearly different);
-    - soft labels ``p = P(chosen preferred)`` (AI feedback): ``-p log σ(z) - (1 - p) log σ(-z)``,
-      the cross-entropy against the label distribution, which reduces to the hard form at p = 1.
+    - soft labels ``p = P(chosen preferred)`` (AI feedback):
+      ``-p log σ(Δ - m) - (1 - p) log σ(-Δ - m)``, the cross-entropy against the label
+      distribution, each outcome asking for its own margin: p = 1 is the hard form, p = 0 the
+      hard form with the sides swapped, and p = 0.5 is minimised at Δ = 0 (with one shared
+      ``z = Δ - m`` in both terms a tie would be pulled to Δ = m instead).
 
-    Uses ``log_sigmoid`` so large |z| neither overflows nor loses precision. The loss is ln 2
-    when ``z = 0`` whatever the label, which is the check for a zero-initialised head.
+    Uses ``log_sigmoid`` so large |Δ| neither overflows nor loses precision. Without a margin
+    the loss is ln 2 at Δ = 0 whatever the label, which is the check for a zero-initialised head.
 
     Args:
       chosen_rewards, rejected_rewards: ``[B]`` scalar rewards.
@@ -276,12 +279,12 @@ def bradley_terry_loss(
     """
     rc, rr = _f32(chosen_rewards), _f32(rejected_rewards)
     delta = rc - rr
-    z = delta - _f32(margin)
+    m = _f32(margin)
     if label is None:
-        per_example = -jax.nn.log_sigmoid(z)
+        per_example = -jax.nn.log_sigmoid(delta - m)
     else:
         p = _f32(label)
-        per_example = -p * jax.nn.log_sigmoid(z) - (1.0 - p) * jax.nn.log_sigmoid(-z)
+        per_example = -p * jax.nn.log_sigmoid(delta - m) - (1.0 - p) * jax.nn.log_sigmoid(-delta - m)
     w = _example_weights(weights, delta)
     loss_sum = jnp.sum(jnp.where(w > 0, per_example * w, 0.0))
     aux = {

@@ -226,6 +226,27 @@ def test_bt_soft_label_hand_values():
     np.testing.assert_allclose(tie, 2 * LN2, rtol=1e-6)
 
 
+def test_bt_margin_with_soft_labels_is_symmetric():
+    """-p log σ(Δ - m) - (1-p) log σ(-Δ - m): each outcome asks for its own margin.
+
+    Reference: the Bradley-Terry likelihood with a margin (Llama 2, eq. 2) for the preferred side
+    of each outcome, mixed by the label as a cross-entropy; a 50/50 label carries no preference,
+    so its minimum must be at Δ = 0, and p = 0 must be p = 1 with the sides swapped.
+    """
+    m = 1.5
+    bt = lambda rc, p: losses.bradley_terry_loss(jnp.array([rc]), jnp.zeros(1), margin=m, label=jnp.array([p]))[0]
+    grad_at = lambda rc, p: float(jax.grad(bt)(rc, p))
+    assert abs(grad_at(0.0, 0.5)) < 1e-7  # the tie's minimum is Δ = 0
+    assert grad_at(m, 0.5) > 0.1  # and not Δ = m
+    for d in (-2.0, 0.3, 4.0):
+        np.testing.assert_allclose(bt(d, 1.0), -np_log_sigmoid(d - m), rtol=1e-6)
+        np.testing.assert_allclose(bt(d, 0.0), -np_log_sigmoid(-d - m), rtol=1e-6)
+        swapped = losses.bradley_terry_loss(jnp.zeros(1), jnp.array([d]), margin=m)[0]
+        np.testing.assert_allclose(bt(d, 0.0), swapped, rtol=1e-6)
+        want = -0.3 * np_log_sigmoid(d - m) - 0.7 * np_log_sigmoid(-d - m)
+        np.testing.assert_allclose(bt(d, 0.3), want, rtol=1e-6)
+
+
 def test_bt_weights_and_stability():
     rc, rr = np.array([1e4, -1e4, 0.0], np.float32), np.zeros(3, np.float32)
     loss_sum, count, aux = losses.bradley_terry_loss(rc, rr, weights=np.array([1.0, 1.0, 0.0]))

@@ -4,7 +4,7 @@ For each pair the model scores both sides (`ScalarHeadModel.score`: the head rea
 real token), and the loss is `losses.bradley_terry_loss` on Δ = r_chosen - r_rejected:
 
     hard labels:  -log σ(Δ - m)                         (m = margin; 0 = InstructGPT)
-    soft labels:  -p log σ(Δ - m) - (1 - p) log σ(m - Δ)  (p = batch["label"], AI feedback)
+    soft labels:  -p log σ(Δ - m) - (1 - p) log σ(-Δ - m) (p = batch["label"], AI feedback; symmetric)
 
 Both sides go through the trunk in one forward pass ([2B, T]): half the dispatches, and the
 same numbers as two passes (rows never interact). Padding rows (`weight` 0) count nowhere.
