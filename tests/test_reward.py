@@ -229,9 +229,35 @@ def test_too_long_pairs_skip_or_truncate(tok, tmp_path):
     (batch,) = list(preferences.make_preference_iterator(skipped, seq_len=32, batch_size=2, seed=0, shuffle=False,
                                                          num_epochs=1))
     np.testing.assert_array_equal(batch["weight"], [1, 0])
-    truncated = preferences.PreferencePairs(path, tok, seq_len=32, too_long="truncate")
-    assert truncated.num_too_long == 1 and "truncated 1 pairs" in truncated.report()
-    assert len(truncated[1]["chosen_tokens"]) == 32
+
+
+def test_truncation_cuts_the_prompt_from_the_left_and_drops_what_cannot_fit(tok, tmp_path):
+    """'truncate' keeps the end of the prompt and both whole responses (TRL's DPO truncates the
+    prompt first, keeping its end: `truncation_mode='keep_end'`); cutting the end of a side would
+    leave a pair with no targets (ln 2 of loss, a wrong answer) or a score read mid-response."""
+    long_prompt = "please help me " * 12 + "what is two?"
+    records = [{"prompt": long_prompt, "chosen": "it is two.", "rejected": "no."},
+               {"prompt": "x?", "chosen": "yes " * 40, "rejected": "no."},
+               {"prompt": "x?", "chosen": "yes.", "rejected": "no."}]
+    path = _write(tmp_path / "long.jsonl", records)
+    pairs = preferences.PreferencePairs(path, tok, seq_len=32, too_long="truncate")
+    assert (pairs.num_truncated, pairs.num_dropped, pairs.num_too_long) == (1, 1, 2)
+    assert "truncated the prompt (from the left) of 1 pairs" in pairs.report()
+    assert "dropped 1 pairs" in pairs.report()
+    assert pairs[1] is None
+    cut, whole = pairs[0], preferences.PreferenceParser(tok, max_len=1000)(records[0])
+    assert max(len(cut["chosen_tokens"]), len(cut["rejected_tokens"])) == 32
+    for side in preferences.SIDES:
+        tokens, mask = cut[f"{side}_tokens"], cut[f"{side}_loss_mask"]
+        n = len(tokens)
+        assert tokens[0] == tok.bos_id
+        np.testing.assert_array_equal(tokens[1:], whole[f"{side}_tokens"][-(n - 1):])  # the end, whole
+        np.testing.assert_array_equal(mask[1:], whole[f"{side}_loss_mask"][-(n - 1):])
+        assert mask.sum() == whole[f"{side}_loss_mask"].sum() > 0  # every response token kept
+    # Both sides keep the same (cut) prompt, so the pair still compares two answers to one context.
+    k = int(np.argmax(cut["chosen_loss_mask"]))
+    np.testing.assert_array_equal(cut["chosen_tokens"][:k], cut["rejected_tokens"][:k])
+    assert cut["chosen_tokens"][k - 1] == tok.piece_to_id("<|assistant|>")
 
 
 # --- The binary ----------------------------------------------------------------------------------------

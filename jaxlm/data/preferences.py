@@ -18,8 +18,12 @@ right padding never changes a score. Segment ids are 1 on real tokens and 0 on p
 
 Bad records fail at start-up with their file and line (`DocumentSource` parses every record
 while indexing): empty prompt, chosen or rejected, chosen identical to rejected, a label
-outside [0, 1], or a side longer than `seq_len` (unless `too_long` is 'skip' or 'truncate';
-truncation keeps the first `seq_len` tokens of each side, so the score is read at the cut).
+outside [0, 1], or a side longer than `seq_len` (unless `too_long` is 'skip' or 'truncate').
+Truncation cuts the shared prompt from its left (after BOS), the same tokens from both sides,
+so the end of the prompt and both whole responses are kept and the score is still read at the
+closing EOS; a pair whose responses do not fit even after the whole prompt but its last token
+is dropped. Cutting the end instead would cut the responses away (two identical sequences with
+no targets: ln 2 of loss and a wrong answer in accuracy). Both counts are in `report()`.
 
 Left out: TRL's implicit-prompt form (full conversations in chosen/rejected with the prompt
 as their common prefix), per-pair margins from rating gaps, and packing (pairs of short
@@ -60,7 +64,8 @@ def _continuation(value: Any, field: str) -> list[dict]:
 class PreferenceParser:
     """JSON object -> {chosen_tokens, chosen_loss_mask, rejected_..., label}, or None if skipped.
 
-    `num_too_long` counts the records with a side over `max_len` (skipped or truncated).
+    `num_too_long` counts the records with a side over `max_len`: skipped, or with 'truncate'
+    `num_truncated` (prompt cut from the left) plus `num_dropped` (did not fit even so).
     `float_fields` are numeric fields copied as float32 (e.g. a precomputed reference's
     log-probs, `jaxlm.steps.dpo.REF_KEYS`); each must be a finite number.
     """
@@ -73,7 +78,7 @@ class PreferenceParser:
         self.fields = {"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field}
         self.label_field = label_field
         self.float_fields = tuple(float_fields)
-        self.num_too_long = 0
+        self.num_too_long = self.num_truncated = self.num_dropped = 0
 
     def _label(self, obj: dict) -> float:
         if self.label_field not in obj or obj[self.label_field] is None:
@@ -110,10 +115,15 @@ class PreferenceParser:
             self.num_too_long += 1
             if self.too_long == "skip":
                 return None
+            record = self._truncate_prompt(record, longest - self.max_len)
+            if record is None:
+                self.num_dropped += 1
+                return None
+            self.num_truncated += 1
         out = {"label": np.float32(record["label"])}
         for side in SIDES:
             for key in ("tokens", "loss_mask"):
-                out[f"{side}_{key}"] = np.asarray(record[f"{side}_{key}"][:self.max_len], np.int32)
+                out[f"{side}_{key}"] = np.asarray(record[f"{side}_{key}"], np.int32)
         for key in self.float_fields:
             value = obj.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -122,11 +132,31 @@ class PreferenceParser:
         return out
 
 
+    def _truncate_prompt(self, record: dict, excess: int) -> dict | None:
+        """Both sides with `excess` prompt tokens cut after BOS, or None if the prompt is too short.
+
+        The prompt is where each side's loss mask first turns on (a side starts with an
+        assistant turn); the prompt's last token (the generation marker) is always kept.
+        """
+        tokens = record["chosen_tokens"]
+        start = 1 if tokens and tokens[0] == self.tokenizer.bos_id else 0
+        prompt_len = min(record[f"{side}_loss_mask"].index(1) for side in SIDES)
+        if excess > prompt_len - start - 1:
+            return None
+        out = dict(record)
+        for side in SIDES:
+            for key in ("tokens", "loss_mask"):
+                seq = record[f"{side}_{key}"]
+                out[f"{side}_{key}"] = seq[:start] + seq[start + excess:]
+        return out
+
+
 class PreferencePairs(DocumentSource):
     """Tokenized preference pairs (a grain random-access source); `src[i]` is a dict or None.
 
-    `num_too_long`: pairs skipped or truncated by the `too_long` policy; `num_skipped`: bad
-    records dropped with `skip_bad_records=True`.
+    `num_too_long`: pairs skipped or truncated by the `too_long` policy (with 'truncate':
+    `num_truncated` kept with a shorter prompt, `num_dropped` that did not fit even so);
+    `num_skipped`: bad records dropped with `skip_bad_records=True`.
     """
 
     def __init__(self, patterns: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, *, seq_len: int,
@@ -139,15 +169,21 @@ class PreferencePairs(DocumentSource):
         self.float_fields = parser.float_fields
         super().__init__(patterns, parse=parser, skip_bad_records=skip_bad_records)
         self.too_long = too_long
-        self.num_too_long = parser.num_too_long  # counted while indexing: once per record
+        # Counted while indexing: once per record.
+        self.num_too_long, self.num_truncated, self.num_dropped = (parser.num_too_long, parser.num_truncated,
+                                                                   parser.num_dropped)
 
     def report(self) -> str:
         parts = []
         if self.num_skipped:
             parts.append(f"skipped {self.num_skipped} bad records {self.skipped}")
-        if self.num_too_long:
-            verb = "skipped" if self.too_long == "skip" else "truncated"
-            parts.append(f"{verb} {self.num_too_long} pairs longer than seq_len")
+        if self.num_too_long and self.too_long == "skip":
+            parts.append(f"skipped {self.num_too_long} pairs longer than seq_len")
+        if self.num_truncated:
+            parts.append(f"truncated the prompt (from the left) of {self.num_truncated} pairs longer than seq_len")
+        if self.num_dropped:
+            parts.append(f"dropped {self.num_dropped} pairs whose responses do not fit seq_len even with the prompt "
+                         "cut to its last token")
         return "; ".join(parts)
 
 
