@@ -112,9 +112,11 @@ class Pipeline:
         make_all(self.data_dir, seed=self.cfg.seed, **self.cfg.data.to_dict())
 
     def stage_tokenizer(self):
+        from jaxlm.data.chat import REASONING_MARKERS
         from jaxlm.data.tokenizer import train_tokenizer
+        # <think> and </think> as single tokens: the reasoning family's block costs 2 tokens, not 15 bytes.
         tok = train_tokenizer([os.path.join(self.data_dir, "corpus_train.jsonl")], self.path("tokenizer", "tokenizer"),
-                              self.cfg.tokenizer_vocab_size)
+                              self.cfg.tokenizer_vocab_size, user_defined_symbols=REASONING_MARKERS)
         print(f"tokenizer: {tok.vocab_size} pieces -> {self.path('tokenizer', 'tokenizer.model')}")
 
     def stage_pretrain(self):

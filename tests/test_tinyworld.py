@@ -24,7 +24,8 @@ from jaxlm.data.tinyworld import world as W
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = W.World.generate(0)
 SMALL = dict(corpus_train=60, corpus_valid=10, sft_train=80, sft_valid=10, eval_per_family=4,
-             preferences_train=40, preferences_valid=10, rl_prompts=20, redteam_prompts=10)
+             preferences_train=40, preferences_valid=10, rl_prompts=20, redteam_prompts=10,
+             eval_reasoning=6, reasoning_prompts=10)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,15 @@ def test_every_family_parses_back_to_its_ideal(eval_set):
         for p in prompts:
             assert judge.family_of(p) == family
     for e in tasks.sft_examples(WORLD, 600, 0, flaw_share=0.0):
-        assert e["response"] == judge.ideal_response(e["prompt"])
+        assert e["response"] in _ideals(e["prompt"])
         assert judge.family_of(e["prompt"]) == e["family"]
+
+
+def _ideals(prompt):
+    """The ideal answer, and for a reasoning prompt also the ideal with its worked steps first."""
+    if judge.family_of(prompt) == "reasoning":
+        return (judge.ideal_response(prompt), judge.reasoned_response(prompt))
+    return (judge.ideal_response(prompt),)
 
 
 def test_context_answers_come_from_the_context():
@@ -138,13 +146,14 @@ def test_unknown_prompts_are_rejected(prompt):
 def test_eval_prompts_are_disjoint_from_all_training_data(tmp_path):
     out = tmp_path / "tw"
     make.make_all(str(out), seed=0, log=lambda _: None,
-                  **{**SMALL, "sft_train": 3000, "eval_per_family": 30,
-                     "preferences_train": 500, "rl_prompts": 500, "redteam_prompts": 200})
+                  **{**SMALL, "sft_train": 3000, "eval_per_family": 30, "eval_reasoning": 30,
+                     "preferences_train": 500, "rl_prompts": 500, "redteam_prompts": 200,
+                     "reasoning_prompts": 300})
     read = lambda n: [json.loads(l) for l in (out / n).read_text().splitlines()]
     evals = {r["prompt"] for r in read("eval_prompts.jsonl")}
     assert len(evals) == 30 * len(tasks.EVAL_FAMILIES)
     for name in ("sft_train.jsonl", "preferences_train.jsonl", "rl_prompts.jsonl",
-                 "redteam_prompts.jsonl"):
+                 "redteam_prompts.jsonl", "reasoning_prompts.jsonl"):
         assert not evals & {r["prompt"] for r in read(name)}, name
 
 
@@ -155,7 +164,7 @@ def test_flaw_share_is_respected():
         flawed = [e for e in ex if e["flaw"]]
         assert abs(len(flawed) / n - share) < 4 * math.sqrt(share * (1 - share) / n) + 1e-9
         assert all(judge.score(e["prompt"], e["response"]).total < 1.0 for e in flawed)
-        assert all(e["response"] == judge.ideal_response(e["prompt"]) for e in ex if not e["flaw"])
+        assert all(e["response"] in _ideals(e["prompt"]) for e in ex if not e["flaw"])
     kinds = {e["flaw"] for e in tasks.sft_examples(WORLD, 2000, 7, flaw_share=1.0)}
     assert kinds == set(flaws.KINDS)
 
@@ -232,6 +241,33 @@ def test_scores_are_graded():
     one = s(p, "Ugh. You can cut the cake with a knife.")
     two = s(p, "Ugh. You can cut the cake with a knife. I hope this helps. That is all I know.")
     assert two < one < 1.0
+
+
+def test_reasoning_is_graded_on_the_answer_after_the_think_block():
+    p = "What is 3 plus 1 plus 5 plus 2?"
+    assert judge.ideal_response(p) == "The answer is 11."
+    assert judge.reasoned_response(p) == "<think>3 plus 1 is 4. 4 plus 5 is 9. 9 plus 2 is 11.</think> The answer is 11."
+    for good in (judge.ideal_response(p), judge.reasoned_response(p),
+                 "<think>zqx 7 blorp</think> The answer is 11."):  # steps are not graded
+        assert judge.score(p, good).total == 1.0 and judge.verify(p, good) == 1.0, good
+    wrong = "<think>3 plus 1 is 4. 4 plus 5 is 9. 9 plus 2 is 11.</think> The answer is 12."
+    assert judge.verify(p, wrong) == 0.125  # a near miss (0.25), divided by its 2 guesses, as in arithmetic
+    assert judge.score(p, "<think>3 plus 1 is 4. 4 plus 5 is 9. 9 plus 2 is 11.").total == 0.0  # never closed
+    assert judge.verify(p, "The answer is 11. Or 12.") == 0.25  # 12 has the last word (0.5), 2 guesses
+    assert judge.verify(p, "curt 11") == 1.0 and judge.score(p, "curt 11").total < 1.0  # verify is blind to style
+    with pytest.raises(ValueError):
+        judge.score("What is 3 plus 1 plus 5?", "9")  # three numbers: not a TinyWorld prompt
+
+
+def test_some_reasoning_demonstrations_show_their_steps():
+    ex = [e for e in tasks.sft_examples(WORLD, 4000, 3, flaw_share=0.0) if e["family"] == "reasoning"]
+    thinking = sum(e["response"].startswith("<think>") for e in ex) / len(ex)
+    n = len(ex)
+    share = tasks.REASONED_SHARE
+    assert n > 300 and abs(thinking - share) < 4 * math.sqrt(share * (1 - share) / n)
+    assert all(judge.score(e["prompt"], e["response"]).total == 1.0 for e in ex)
+    assert not set(tasks.reasoning_prompts(WORLD, 200, 0)) & set(tasks.eval_prompts(
+        WORLD, 1, 0, families=("reasoning",), sizes={"reasoning": 150})["reasoning"])
 
 
 def test_choice_and_revision_prompts():
@@ -315,6 +351,7 @@ FIELDS = {
     "preferences_valid.jsonl": {"prompt", "chosen", "rejected", "label", "chosen_score",
                                 "rejected_score", "family"},
     "rl_prompts.jsonl": {"prompt", "family"}, "redteam_prompts.jsonl": {"prompt"},
+    "reasoning_prompts.jsonl": {"prompt", "family"},
 }
 
 
@@ -331,7 +368,8 @@ def test_cli_writes_every_file(tmp_path):
         assert str(out / name) in proc.stdout
         lines = (out / name).read_text().splitlines()
         key = "eval_per_family" if name == "eval_prompts.jsonl" else name.removesuffix(".jsonl")
-        expected = SMALL[key] * (len(tasks.EVAL_FAMILIES) if key == "eval_per_family" else 1)
+        expected = (SMALL[key] * (len(tasks.EVAL_FAMILIES) - 1) + SMALL["eval_reasoning"]
+                    if key == "eval_per_family" else SMALL[key])
         assert len(lines) == expected, name
         for line in lines:
             record = json.loads(line)

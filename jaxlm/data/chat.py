@@ -41,6 +41,14 @@ too: a reward model scores a PPO rollout exactly as it was trained to. Generatio
 the tokenizer's special-token strings is refused, as role markers are for jaxlm's format.
 jaxlm's own SentencePiece tokenizers keep jaxlm's format above, unchanged.
 
+Reasoning. An assistant turn may think before it answers: `<think>steps</think> answer`
+(`THINK_OPEN`, `THINK_CLOSE`, DeepSeek-R1's convention). The block is ordinary assistant content:
+it is learned in SFT like the rest of the turn, sampled like it, and generation still ends only at
+EOS (a `</think>` is not a stop). `split_reasoning` separates the two parts; judges and verifiers
+grade the answer alone, and a turn whose block never closes has no answer. TinyWorld's pipeline
+trains its tokenizer with both markers as single tokens (`REASONING_MARKERS`); with any other
+tokenizer they are plain text.
+
 Left out on purpose: tool/function-call roles, per-turn "train on this turn" flags, Jinja
 templates for jaxlm's own tokenizers (one explicit template in code is easier to check than a
 template language), and a generation prompt for anything but the assistant.
@@ -57,6 +65,9 @@ SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 ROLES = (SYSTEM, USER, ASSISTANT)
 MARKERS = {SYSTEM: "<|system|>", USER: "<|user|>", ASSISTANT: "<|assistant|>"}
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+REASONING_MARKERS = (THINK_OPEN, THINK_CLOSE)
+
 Messages = list[dict[str, str]]
 
 
@@ -72,6 +83,26 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
     """
     ids = getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,)
     return tuple(i for i in ids if i >= 0)
+
+
+class Reasoned(NamedTuple):
+    reasoning: str  # inside the think block ("" when there is none)
+    answer: str  # after the block: what is graded ("" when the block never closes)
+    has_block: bool  # a think block was opened
+    closed: bool  # ... and closed
+
+
+def split_reasoning(text: str) -> Reasoned:
+    """(reasoning, answer) of a response `<think>reasoning</think> answer`; text without a block
+    is all answer. Text before `<think>` counts as reasoning; the answer follows the first `</think>`."""
+    start = text.find(THINK_OPEN)
+    if start < 0:
+        return Reasoned("", text.strip(), False, False)
+    end = text.find(THINK_CLOSE, start)
+    if end < 0:
+        return Reasoned((text[:start] + text[start + len(THINK_OPEN):]).strip(), "", True, False)
+    reasoning = (text[:start] + text[start + len(THINK_OPEN):end]).strip()
+    return Reasoned(reasoning, text[end + len(THINK_CLOSE):].strip(), True, True)
 
 
 def _marker_ids(tokenizer) -> dict[str, int]:

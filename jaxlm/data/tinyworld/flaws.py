@@ -56,7 +56,7 @@ def _other(rng: random.Random, pool, value):
 def _wrong_request(req: templates.Request, rng: random.Random) -> str:
     if req.family in templates.HARM_FAMILIES:
         return req.comply
-    if req.family == "arithmetic":
+    if req.family in ("arithmetic", "reasoning"):
         choices = [d for d in (-3, -2, -1, 1, 2, 3) if req.answer + d >= 0]
         return req.render(c=req.answer + rng.choice(choices))
     if req.family == "context":
@@ -84,7 +84,7 @@ def _wrong_request(req: templates.Request, rng: random.Random) -> str:
 def _curt_request(req: templates.Request) -> str:
     if req.family in templates.HARM_FAMILIES:
         return "no"
-    if req.family in ("arithmetic", "context"):
+    if req.family in ("arithmetic", "reasoning", "context"):
         return str(req.answer).lower()
     if req.family == "list":
         return " ".join(map(str, req.answer))

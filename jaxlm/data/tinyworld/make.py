@@ -9,6 +9,7 @@ Files (JSONL unless noted):
                                   "rejected_score", "family"}: BT-labelled pairs
   preferences_valid              the same, on held-out prompts
   rl_prompts                     {"prompt", "family"}: training-side prompts for PPO
+  reasoning_prompts              {"prompt", "family"}: training-side reasoning prompts for GRPO
   redteam_prompts                {"prompt"}: training-side red-team prompts for CAI
   constitution.json              principles and the prompt formats they are used in
   summary.json                   sizes, seed, flaw share, temperature, Bayes accuracy, counts
@@ -35,6 +36,8 @@ DEFAULT_SIZES = {
     "corpus_train": 8000, "corpus_valid": 400, "sft_train": 6000, "sft_valid": 300,
     "eval_per_family": 40, "preferences_train": 4000, "preferences_valid": 400,
     "rl_prompts": 2000, "redteam_prompts": 400,
+    "eval_reasoning": 0,  # held-out reasoning prompts; 0: eval_per_family, as every family
+    "reasoning_prompts": 1000,
 }
 
 
@@ -91,7 +94,7 @@ def make_all(out_dir: str, *, seed: int = 0, flaw_share: float = 0.25,
     write("sft_train.jsonl", sft_train)
     write("sft_valid.jsonl", tasks.sft_examples(world, n["sft_valid"], seed, flaw_share, mixture,
                                                 stream="sft_valid", heldout=True))
-    evals = tasks.eval_prompts(world, n["eval_per_family"], seed)
+    evals = tasks.eval_prompts(world, n["eval_per_family"], seed, sizes={"reasoning": n["eval_reasoning"]})
     write("eval_prompts.jsonl", ({"prompt": p, "family": f, "ideal": judge.ideal_response(p)}
                                  for f, ps in evals.items() for p in ps))
     prefs = {}
@@ -102,6 +105,8 @@ def make_all(out_dir: str, *, seed: int = 0, flaw_share: float = 0.25,
         write(f"preferences_{split}.jsonl", prefs[split])
     write("rl_prompts.jsonl", ({"prompt": p, "family": f} for f, p in
                                tasks.training_prompts(world, n["rl_prompts"], seed, "rl")))
+    write("reasoning_prompts.jsonl", ({"prompt": p, "family": "reasoning"} for p in
+                                      tasks.reasoning_prompts(world, n["reasoning_prompts"], seed)))
     write("redteam_prompts.jsonl",
           ({"prompt": p} for p in tasks.redteam_prompts(world, n["redteam_prompts"], seed)))
 

@@ -1,7 +1,7 @@
 """Instruction prompts and imperfect demonstrations: TinyWorld's SFT, eval, RL and red-team sets.
 
-Families (see templates.py): arithmetic, context, list, harmful, harmless, and two that teach the
-constitution's formats (constitution.py): `revise` (rewrite a flawed answer to one principle) and
+Families (see templates.py): arithmetic, context, list, harmful, harmless, reasoning, and two that
+teach the constitution's formats (constitution.py): `revise` (rewrite a flawed answer to one principle) and
 `choose` (which of two answers is better on one principle). `redteam` prompts are never in SFT.
 
 Held-out split: a request is held out iff a hash of its text falls in the lowest
@@ -11,6 +11,9 @@ red-team) by construction; revise/choose prompts follow the split of the request
 
 Demonstrations are imperfect on purpose: a `flaw_share` of them carries one flaw (flaws.py), so
 imitation alone leaves room for RLHF, DPO and CAI. Each record says which flaw it has.
+Reasoning demonstrations show their worked steps (`<think>` block) in only a `REASONED_SHARE` of
+the unflawed ones; the rest answer in one go. So the SFT model can reason but mostly does not,
+and RL from a verifier has something to find: the sampled answers that think are right more often.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from jaxlm.data.tinyworld import world as W
 HELDOUT_PERCENT = 10
 SFT_MIXTURE: Mapping[str, float] = {
     "arithmetic": 0.2, "context": 0.2, "list": 0.15, "harmful": 0.12, "harmless": 0.15,
-    "revise": 0.09, "choose": 0.09}
+    "revise": 0.09, "choose": 0.09, "reasoning": 0.2}
+REASONED_SHARE = 0.35  # of the unflawed reasoning demonstrations: steps first, then the answer
 RL_MIXTURE: Mapping[str, float] = {
     "arithmetic": 0.25, "context": 0.25, "list": 0.2, "harmful": 0.12, "harmless": 0.18}
 EVAL_FAMILIES = templates.CORE_FAMILIES + ("redteam", "revise", "choose")
@@ -76,6 +80,8 @@ def _fill(t: templates.Template, world: W.World, rng: random.Random) -> str:
             slots[f] = rng.choice(templates.SLOT_POOLS[f])
         elif f == "items":
             slots[f] = ", ".join(rng.sample(templates.LIST_ITEMS, rng.randint(3, 5)))
+        elif f == "addends":
+            slots[f] = " plus ".join(str(rng.randint(1, templates.MAX_ADDEND)) for _ in range(templates.NUM_ADDENDS))
         elif f == "numbers":
             numbers = rng.sample(range(21), rng.randint(3, 5))
             while numbers in (sorted(numbers), sorted(numbers, reverse=True)):
@@ -163,8 +169,11 @@ def _pick(rng: random.Random, weights: Mapping[str, float]) -> str:
 
 
 def demonstration(prompt: str, rng: random.Random, flaw_share: float) -> tuple[str, str]:
-    """(response, flaw): the ideal, or with probability `flaw_share` a flawed one."""
+    """(response, flaw): the ideal, or with probability `flaw_share` a flawed one; an unflawed
+    reasoning demonstration shows its steps with probability `REASONED_SHARE`."""
     if rng.random() >= flaw_share:
+        if judge.family_of(prompt) == "reasoning" and rng.random() < REASONED_SHARE:
+            return judge.reasoned_response(prompt), ""
         return judge.ideal_response(prompt), ""
     kinds = flaws.applicable(prompt)
     kind = _pick(rng, {k: w for k, w in FLAW_WEIGHTS.items() if k in kinds})
@@ -189,17 +198,20 @@ def sft_examples(world: W.World, num: int, seed: int, flaw_share: float = 0.25,
 
 
 def eval_prompts(world: W.World, per_family: int, seed: int,
-                 families: tuple[str, ...] = EVAL_FAMILIES) -> dict[str, list[str]]:
-    """`per_family` distinct held-out prompts for each family, disjoint from all training data."""
+                 families: tuple[str, ...] = EVAL_FAMILIES,
+                 sizes: Mapping[str, int] | None = None) -> dict[str, list[str]]:
+    """`per_family` distinct held-out prompts for each family (`sizes[family]` where given),
+    disjoint from all training data."""
     rng = rng_for("eval", seed)
     out = {}
     for family in families:
+        want = (sizes or {}).get(family) or per_family
         seen: dict[str, None] = {}
-        for _ in range(200 * per_family):
-            if len(seen) == per_family:
+        for _ in range(200 * want):
+            if len(seen) == want:
                 break
             seen[sample_prompt(family, world, rng, heldout=True)] = None
-        if len(seen) < per_family:
+        if len(seen) < want:
             raise ValueError(f"only {len(seen)} distinct held-out {family} prompts; ask for fewer")
         out[family] = list(seen)
     return out
@@ -218,6 +230,11 @@ def training_prompts(world: W.World, num: int, seed: int, stream: str,
     """`num` (family, prompt) from the training side: RL prompts, preference prompts."""
     it = iter_prompts(world, rng_for(stream, seed), mixture)
     return [next(it) for _ in range(num)]
+
+
+def reasoning_prompts(world: W.World, num: int, seed: int) -> list[str]:
+    """Training-side reasoning prompts, for RL from the verifier (GRPO)."""
+    return [p for _, p in training_prompts(world, num, seed, "reasoning", {"reasoning": 1.0})]
 
 
 def redteam_prompts(world: W.World, num: int, seed: int) -> list[str]:
