@@ -226,10 +226,10 @@ def main(argv):
     def rollout(params, records, key):
         """Every process passes the same prompts: `generate` places them on the global batch sharding."""
         tokens, lengths = prompt_batch(records, tokenizer.pad_id, width)
-        sample = sampling.generate(policy_model, params, tokens, lengths, max_new_tokens=cfg.rollout.max_new_tokens,
+        batch = ppo.sample_rollout(policy_model, params, tokens, lengths, max_new_tokens=cfg.rollout.max_new_tokens,
                                    rng=key, temperature=cfg.rollout.temperature, eos_id=chat.stop_ids(tokenizer),
                                    pad_id=tokenizer.pad_id, mesh=mesh)
-        return jax.device_put(ppo.rollout_batch(tokens, lengths, sample), batch_sh)
+        return jax.device_put(batch, batch_sh)
 
     def eval_rows(state) -> dict:
         """Held-out prompts sampled with one fixed key: score, gold, KL to the reference, length."""

@@ -115,6 +115,18 @@ def test_kl_is_zero_when_policy_is_reference(tiny, rollout):
     assert float(stats["kl_k1"]) == 0.0 and float(stats["kl_k3"]) == 0.0
 
 
+def test_rollouts_refuse_filtered_sampling():
+    """Top-k/top-p draw from a renormalised subset q while the sampler records log p (the full
+    distribution, `jaxlm.sampling`'s convention), so π_θ/π_old would be computed against the
+    wrong behaviour policy (the importance weight must be π_θ/q; Schulman et al. 2017, eq. 6).
+    RL rollouts refuse them before sampling."""
+    for top_k, top_p in ((5, 1.0), (0, 0.9)):
+        with pytest.raises(ValueError, match="RL rollouts must sample from the full distribution"):
+            ppo.sample_rollout(None, None, None, None, max_new_tokens=4, rng=None, temperature=1.0, eos_id=0,
+                               pad_id=0, top_k=top_k, top_p=top_p)
+    ppo.check_rollout_sampling(0, 1.0)
+
+
 def _update_fixture(tiny, rollout, cfg, policy_tx, critic_tx, policy_params=None):
     model, head_model, params, critic, reward = tiny
     models = ppo.lm_models(model, head_model, head_model)

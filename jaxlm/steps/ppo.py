@@ -61,7 +61,7 @@ ValueFn = Callable[[Params, Batch], jax.Array]  # -> values [B, N] of the states
 RewardFn = Callable[[Params, Batch], jax.Array]  # -> score [B] of each whole sequence
 
 __all__ = [
-    "PPOConfig", "PPOModels", "PPOState", "lm_models", "rollout_batch", "rollout_log_probs",
+    "PPOConfig", "PPOModels", "PPOState", "lm_models", "check_rollout_sampling", "sample_rollout", "rollout_batch", "rollout_log_probs",
     "score_rollout", "compute_advantages", "rollout_stats", "make_update_step", "train_on_rollout",
     "iteration_keys", "update_kl", "create_ppo_state", "ppo_state_shardings", "abstract_ppo_state",
 ]
@@ -164,11 +164,34 @@ def lm_models(policy_model, critic_model, reward_model) -> PPOModels:
 # ------------------------------------------------------------------------------------------------
 
 
+def check_rollout_sampling(top_k: int = 0, top_p: float = 1.0) -> None:
+    """Refuse top-k/top-p for RL rollouts.
+
+    The sampler records log-probs of the full temperature-scaled distribution, which is what the
+    update recomputes; a filtered draw comes from another distribution, so the ratio π_θ/π_old
+    and the KL to the reference would be computed against the wrong behaviour policy.
+    """
+    if top_k or top_p < 1.0:
+        raise ValueError(f"top_k={top_k}, top_p={top_p}: RL rollouts must sample from the full distribution "
+                         "(temperature only). The recorded log-probs are the unfiltered distribution's, so with "
+                         "top-k/top-p the policy ratio and the KL would be wrong; use them for evaluation only.")
+
+
+def sample_rollout(model, params, prompt_tokens, prompt_lengths, *, max_new_tokens: int, rng, temperature: float,
+                   eos_id, pad_id: int, mesh=None, top_k: int = 0, top_p: float = 1.0) -> Batch:
+    """`sampling.generate` from the full distribution, as a `rollout_batch` (top-k/top-p refused)."""
+    check_rollout_sampling(top_k, top_p)
+    sample = sampling.generate(model, params, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens, rng=rng,
+                               temperature=temperature, eos_id=eos_id, pad_id=pad_id, mesh=mesh)
+    return rollout_batch(prompt_tokens, prompt_lengths, sample)
+
+
 def rollout_batch(prompt_tokens, prompt_lengths, sample: sampling.SampleOutput) -> Batch:
     """`sampling.prompt_response_layout` of a ``sampling.generate`` result, plus what the sampler recorded.
 
     Adds ``sampled_logp [B, N]`` (the sampler's log-probs, only compared against) and ``ended``
-    (``[B]`` float32, 1 where the response emitted EOS).
+    (``[B]`` float32, 1 where the response emitted EOS). The sample must come from the full
+    distribution (no top-k/top-p; `sample_rollout` checks).
     """
     batch = sampling.prompt_response_layout(prompt_tokens, prompt_lengths, sample.tokens, sample.mask)
     batch["sampled_logp"] = jnp.asarray(sample.logprobs, jnp.float32)
