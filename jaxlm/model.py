@@ -23,8 +23,10 @@ Design decisions:
 - Speed without new parameters: the MLP's gate and up projections run as one matmul on
   stacked weights when a call has many tokens (training, prefill); checkpoints and the
   Hugging Face layout are unchanged.
-- No dropout anywhere: RLHF stages need deterministic log-probs, and small-data pretraining here
-  does not need it.
+- No dropout in the model itself: RLHF stages need deterministic log-probs, and small-data
+  pretraining here does not need it. LoRA adapters (`jaxlm.lora`) enter the projections through
+  `Adapters` (x·A·B added to x·W, unmerged, so the base stays frozen and untouched), with
+  PEFT's optional dropout on the adapters' input.
 """
 
 from __future__ import annotations
@@ -152,6 +154,45 @@ class KVCache(flax.struct.PyTreeNode):
         return self.k.shape[2]
 
 
+class Adapters(NamedTuple):
+    """Low-rank adapters added to the projections of the forward pass (built by `jaxlm.lora`).
+
+    `weights` mirrors `params["blocks"]`: {"attn": {"wq": {"a": [L, D, r], "b": [L, r, N, H]}, ...},
+    "mlp": {...}}, each `a` the weight's input axes + r, each `b` r + its output axes, `b` already
+    scaled by alpha / r. `dropout` (a Python float) drops the adapters' input, each projection
+    with its own mask from `rng` (None: no dropout, as in evaluation).
+    """
+
+    weights: Any
+    dropout: float = 0.0
+    rng: jax.Array | None = None
+
+
+def _lora_delta(x, n_in: int, adapter, dropout: float, rng):
+    """(dropout(x)·A)·B for one projection's adapter {"a", "b"} (0 without one); x's last `n_in` axes are
+    the weight's input axes."""
+    if adapter is None:
+        return 0.0
+    if dropout > 0 and rng is not None:
+        keep = jax.random.bernoulli(rng, 1.0 - dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    xa = jnp.tensordot(x, adapter["a"].astype(x.dtype), axes=n_in)  # [..., r]
+    return jnp.tensordot(xa, adapter["b"].astype(x.dtype), axes=1)
+
+
+def _layer_lora(layer_adapters, group: str):
+    """(adapter of `name` or None, dropout rate, key of the projection) for one layer's module group."""
+    if layer_adapters is None:
+        return lambda name, index: (None, 0.0, None)
+    weights, dropout, rng = layer_adapters
+    group_weights = weights.get(group, {})
+
+    def get(name, index):
+        key = None if rng is None else jax.random.fold_in(rng, index)
+        return group_weights.get(name), dropout, key
+    return get
+
+
 class ModelOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] float32 (None when compute_logits=False)
     hidden: jax.Array  # [B, T, D] final hidden states after the last norm (reward/value heads read these)
@@ -247,16 +288,18 @@ class Attention(nnx.Module):
             self.v_bias = nnx.Param(jnp.zeros((k, h), jnp.float32), axes=("kv_heads", "head_dim"))
         self.cfg = cfg
 
-    def __call__(self, x, positions, segment_ids, layer_cache, mask=None):
+    def __call__(self, x, positions, segment_ids, layer_cache, mask=None, adapters=None):
         """x: [B, T, D]. layer_cache: None, or (k [B,S,K,H], v, cache positions, cache segments, index).
 
         `mask` ([B, 1, T, S] from `attention_mask`) may be given when segment_ids are: the
-        Transformer builds it once for all layers instead of once per layer.
+        Transformer builds it once for all layers instead of once per layer. `adapters`: this
+        layer's LoRA (weights, dropout, key), or None.
         """
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
+        lora = _layer_lora(adapters, "attn")
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt)) + _lora_delta(x, 1, *lora("wq", 0))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt)) + _lora_delta(x, 1, *lora("wk", 1))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt)) + _lora_delta(x, 1, *lora("wv", 2))
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         inv_freq = rope_frequencies(cfg)
@@ -284,7 +327,7 @@ class Attention(nnx.Module):
             # padding scheme here lays them out; padding queries keep their diagonal key.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=impl == "cudnn", implementation=impl)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), new_kv
+        return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)) + _lora_delta(out, 2, *lora("wo", 3)), new_kv
 
 
 class MLP(nnx.Module):
@@ -294,8 +337,9 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, (d, f), cfg.init_std, ("embed", "mlp"))
         self.w_down = _param(rngs, (f, d), cfg.init_std / math.sqrt(2 * cfg.num_layers), ("mlp", "embed"))
 
-    def __call__(self, x):
+    def __call__(self, x, adapters=None):
         dt = x.dtype
+        lora = _layer_lora(adapters, "mlp")
         if x.shape[0] * x.shape[1] >= _FUSED_MLP_MIN_TOKENS:
             # One matmul for gate and up (stacked on a new axis, so a `mlp` sharding carries over):
             # the backward pass then makes one input gradient and one weight gradient instead of
@@ -307,8 +351,10 @@ class MLP(nnx.Module):
         else:
             gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...].astype(dt))
             up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...].astype(dt))
+        gate = gate + _lora_delta(x, 1, *lora("w_gate", 4))
+        up = up + _lora_delta(x, 1, *lora("w_up", 5))
         h = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("BTF,FD->BTD", h, self.w_down[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", h, self.w_down[...].astype(dt)) + _lora_delta(h, 1, *lora("w_down", 6))
 
 
 class Block(nnx.Module):
@@ -318,10 +364,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids, layer_cache=None, mask=None):
-        attn_out, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, layer_cache, mask)
+    def __call__(self, x, positions, segment_ids, layer_cache=None, mask=None, adapters=None):
+        attn_out, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, layer_cache, mask, adapters)
         x = x + attn_out
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x), adapters)
         return sharding.constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
@@ -341,21 +387,30 @@ class Transformer(nnx.Module):
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, ("embed", "vocab"))
 
     def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None,
-                 compute_logits: bool = True) -> ModelOutput:
+                 compute_logits: bool = True, adapters: Adapters | None = None) -> ModelOutput:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         block_def, block_state = nnx.split(self.blocks)
+        if adapters is not None and cache is not None:
+            raise ValueError("adapters are for training passes; decode with merged weights (jaxlm.lora.merge)")
 
         if cache is None:
             mask = None if segment_ids is None else attention_mask(positions, segment_ids, positions, segment_ids)
+            layer_adapters = None
+            if adapters is not None:  # Scanned with the layers: each layer's slices, and its own dropout key.
+                keys = None if adapters.rng is None else jax.random.split(adapters.rng, cfg.num_layers)
+                layer_adapters = (adapters.weights, keys)
 
-            def body(x, layer_state):
-                x, _ = nnx.merge(block_def, layer_state)(x, positions, segment_ids, None, mask)
+            def body(x, xs):
+                layer_state, layer_lora = xs
+                if layer_lora is not None:
+                    layer_lora = (layer_lora[0], adapters.dropout, layer_lora[1])
+                x, _ = nnx.merge(block_def, layer_state)(x, positions, segment_ids, None, mask, layer_lora)
                 return x, None
             if _REMAT_POLICIES[cfg.remat] is not None:
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-            x, _ = jax.lax.scan(body, x, block_state, unroll=cfg.scan_unroll)
+            x, _ = jax.lax.scan(body, x, (block_state, layer_adapters), unroll=cfg.scan_unroll)
             new_cache = None
         else:
             if segment_ids is None:
@@ -434,16 +489,16 @@ class Model:
         return nnx.merge(self.graphdef, state)
 
     def apply(self, params: Params, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-              compute_logits: bool = True) -> ModelOutput:
+              compute_logits: bool = True, adapters: Adapters | None = None) -> ModelOutput:
         """Forward pass. tokens/positions/segment_ids: [B, T] int32.
 
         positions default to 0..T-1; segment_ids=None means one causal sequence per row with no
         padding (the fastest attention path). With a cache the new tokens are written at
-        `cache.index` and attend to everything cached before them.
+        `cache.index` and attend to everything cached before them. `adapters` (no cache): LoRA.
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return self.bind(params)(tokens, positions, segment_ids, cache, compute_logits)
+        return self.bind(params)(tokens, positions, segment_ids, cache, compute_logits, adapters)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         return KVCache.create(self.cfg, batch_size, max_len, dtype)

@@ -30,20 +30,24 @@ def last_token_index(segment_ids: jax.Array) -> jax.Array:
 
 
 class ScalarHeadModel:
-    """A Model trunk plus a linear head D -> 1. `init(rng, trunk_params=None)`, `apply(...)`."""
+    """A Model trunk plus a linear head D -> 1. `init(rng, trunk_params=None)`, `apply(...)`.
 
-    def __init__(self, cfg: ModelConfig):
+    `trunk` is any Model-like handle (default `Model(cfg)`); LoRA passes `jaxlm.lora.Adapted`
+    (params: the adapters) for the train state and its bound form inside the step.
+    """
+
+    def __init__(self, cfg: ModelConfig, trunk=None):
         self.cfg = cfg
-        self.trunk = Model(cfg)
+        self.trunk = Model(cfg) if trunk is None else trunk
 
-    # Equal (and hashed) by config: every handle of one config computes the same function, so the
-    # jitted functions that take the handle as a static argument compile once per config, not once
-    # per handle (an evaluation that loads five checkpoints of one shape compiles once).
+    # Equal (and hashed) by config and trunk: every handle of one config computes the same
+    # function, so the jitted functions that take the handle as a static argument compile once per
+    # config, not once per handle (an evaluation that loads five checkpoints of one shape compiles once).
     def __eq__(self, other) -> bool:
-        return type(other) is type(self) and other.cfg == self.cfg
+        return type(other) is type(self) and other.cfg == self.cfg and other.trunk == self.trunk
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self.cfg))
+        return hash((type(self).__name__, self.cfg, self.trunk))
 
     def init(self, rng: jax.Array, trunk_params: Params | None = None) -> Params:
         """A zero head (so every score starts at exactly 0) on a fresh or given trunk."""
