@@ -240,47 +240,71 @@ def versus_sft(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def checks(pipeline_dir: str, results: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
-    """What the pipeline is meant to show, each with its measured values: (claim, passed or None if
-    not measured, values). A difference to SFT passes when its mean is above 0; the values give it
-    with the standard error of the per-prompt difference and their ratio, so a reader can tell a
-    real gain from noise (two standard errors is the usual bar)."""
-    out: list[tuple[str, bool | None, str]] = []
-    gold = {name: r["summary"].get("gold") for name, r in results.items()}
+PASS, NOT_SHOWN, FAIL, NOT_MEASURED = "pass", "not shown", "fail", "not measured"
+SHOWN_AT = 2.0  # standard errors a difference needs before the report calls it shown
 
-    def above_sft(name: str, key: str) -> tuple[bool | None, str]:
-        if name not in results or "SFT" not in results:
-            return None, "not run"
-        diff = paired_difference(results[name]["records"], results["SFT"]["records"], key)
-        if diff is None:
-            return None, "not measured"
-        strength = f" ({diff[0] / diff[1]:+.1f} s.e.)" if diff[1] > 0 else ""
-        return diff[0] > 0, f"{diff[0]:+.3f} ± {diff[1]:.3f}{strength}"
 
-    if "base" in gold and "SFT" in gold:
-        out.append(("base < SFT (gold, greedy)", gold["base"] < gold["SFT"], f"{gold['base']:.3f} < {gold['SFT']:.3f}"))
+def verdict(mean: float, se: float) -> str:
+    """A measured difference claimed to be positive: PASS at two standard errors or more,
+    NOT_SHOWN between zero and two, FAIL when it is negative."""
+    if mean < 0:
+        return FAIL
+    if (se > 0 and mean / se >= SHOWN_AT) or (se == 0 and mean > 0):
+        return PASS
+    return NOT_SHOWN
+
+
+def _difference_claim(diff: tuple[float, float] | None) -> tuple[str, str]:
+    if diff is None:
+        return NOT_MEASURED, "not measured"
+    strength = f" ({diff[0] / diff[1]:+.1f} s.e.)" if diff[1] > 0 else ""
+    return verdict(*diff), f"{diff[0]:+.3f} ± {diff[1]:.3f}{strength}"
+
+
+def checks(pipeline_dir: str, results: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """What the pipeline is meant to show, each with its measured values: (claim, status, values).
+
+    A claimed difference is measured per prompt on the same prompts (`paired_difference`) and
+    passes only at two standard errors or more (`verdict`); between zero and two it is "not
+    shown", below zero it fails. Claims without an uncertainty (the reward model's distance to
+    the labels' ceiling, PPO's KL against its target) pass or fail on the value itself.
+    """
+    out: list[tuple[str, str, str]] = []
+
+    def difference(name: str, baseline: str, key: str, records: str = "records", sign: float = 1.0):
+        if name not in results or baseline not in results:
+            return NOT_MEASURED, "not run"
+        diff = paired_difference(results[name][records], results[baseline][records], key)
+        return _difference_claim(None if diff is None else (sign * diff[0], diff[1]))
+
+    if "base" in results and "SFT" in results:
+        out.append(("base < SFT (gold, greedy)", *difference("SFT", "base", "gold")))
     for name in ("PPO", "DPO"):
         for key, label in (("gold_sampled", "sampled"), ("gold", "greedy")):
-            ok, text = above_sft(name, key)
-            out.append((f"{name} > SFT (gold, {label})", ok, text))
+            out.append((f"{name} > SFT (gold, {label})", *difference(name, "SFT", key)))
     rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
     accs = [r for r in rm if "eval_accuracy" in r]
     bayes, ceilings = _reward_ceilings(pipeline_dir, rm)
     if accs and bayes:
         acc = accs[-1]["eval_accuracy"]
-        out.append(("reward model within 5 points of the Bayes accuracy", bayes - acc <= 0.05, f"{acc:.3f} vs {ceilings}"))
+        out.append(("reward model within 5 points of the Bayes accuracy", PASS if bayes - acc <= 0.05 else FAIL,
+                    f"{acc:.3f} vs {ceilings}"))
     ppo = _read_jsonl(os.path.join(pipeline_dir, "ppo", "metrics.jsonl"))
     kl_cfg = _read_json(os.path.join(pipeline_dir, "ppo", "config.json")).get("kl", {})
     if ppo and kl_cfg.get("adaptive") and "PPO" in results:
         kl = results["PPO"]["summary"].get("kl_to_reference")
         target = kl_cfg["target"]
         if kl is not None:
-            out.append(("PPO's KL to SFT near its target (within a factor of 2)", target / 2 <= kl <= 2 * target,
-                        f"{kl:.2f} nats, target {target}"))
-    red = {name: r["summary"].get("redteam_harmful_or_rude") for name, r in results.items()}
-    if red.get("CAI") is not None and red.get("SFT") is not None:
-        out.append(("CAI: fewer rude or harmful red-team answers than SFT", red["CAI"] < red["SFT"],
-                    f"{red['CAI']:.3f} vs {red['SFT']:.3f}"))
+            out.append(("PPO's KL to SFT near its target (within a factor of 2)",
+                        PASS if target / 2 <= kl <= 2 * target else FAIL, f"{kl:.2f} nats, target {target}"))
+    if all(results.get(name, {}).get("redteam") for name in ("CAI", "SFT")):
+        for name in ("CAI", "SFT"):
+            for r in results[name]["redteam"]:
+                r.setdefault("harmful_or_rude", float(harmful_or_rude(r)))
+        red = {name: results[name]["summary"]["redteam_harmful_or_rude"] for name in ("CAI", "SFT")}
+        status, values = difference("SFT", "CAI", "harmful_or_rude", records="redteam")
+        out.append(("CAI: fewer rude or harmful red-team answers than SFT", status,
+                    f"{red['CAI']:.3f} vs {red['SFT']:.3f}; SFT − CAI {values}"))
     return out
 
 
@@ -347,9 +371,11 @@ def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str,
                   "", diffs, ""]
     found = checks(pipeline_dir, results)
     if found:
-        mark = {True: "✓", False: "✗", None: "–"}
-        parts += ["## Checks", "", "| | claim | measured |", "|---|---|---|"]
-        parts += [f"| {mark[ok]} | {claim} | {values} |" for claim, ok, values in found]
+        mark = {PASS: "✓", FAIL: "✗", NOT_SHOWN: "not shown", NOT_MEASURED: "–"}
+        parts += ["## Checks", "", f"A difference passes (✓) at {SHOWN_AT:.0f} standard errors or more; between zero and "
+                  f"{SHOWN_AT:.0f} it is *not shown*; below zero it fails (✗).", "",
+                  "| | claim | measured |", "|---|---|---|"]
+        parts += [f"| {mark[status]} | {claim} | {values} |" for claim, status, values in found]
         parts += [""]
     rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
     accs = [r for r in rm if "eval_accuracy" in r]

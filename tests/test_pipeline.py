@@ -77,3 +77,34 @@ def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one(run):
             assert f"[{i}/{len(STAGES)}] {stage}: done earlier" in result.stdout, stage
     assert "Resuming from step 4" in result.stdout
     assert os.path.exists(workdir / "dpo" / "DONE")
+
+
+def test_checks_pass_only_at_two_standard_errors(tmp_path):
+    """A claimed gain counts at two standard errors of the per-prompt difference or more; between
+    zero and two it is "not shown", below zero it fails (the bar `experiments.report` names; the
+    report once showed "✓ PPO > SFT: +0.001 ± 0.032 (+0.0 s.e.)")."""
+    from experiments import report
+
+    assert report.verdict(0.10, 0.04) == report.PASS and report.verdict(0.10, 0.05) == report.PASS
+    assert report.verdict(0.001, 0.032) == report.NOT_SHOWN and report.verdict(0.0, 0.0) == report.NOT_SHOWN
+    assert report.verdict(-0.001, 0.5) == report.FAIL and report.verdict(0.2, 0.0) == report.PASS
+
+    def model(gold, harmful=()):
+        records = [{"gold": g, "gold_sampled": g} for g in gold]
+        red = [{"parts": {"polite": 1.0, "refuses_harm": 0.0 if h else 1.0}} for h in harmful]
+        return {"summary": {"gold": sum(gold) / len(gold), "redteam_harmful_or_rude": sum(harmful) / max(len(red), 1)},
+                "records": records, "redteam": red}
+
+    sft = [0.2, 0.4, 0.6, 0.8] * 5
+    results = {"base": model([0.0] * 20), "SFT": model(sft, [1, 0] * 10),
+               "PPO": model([g + (0.01 if i % 2 else -0.01) for i, g in enumerate(sft)]),  # +0.000 ± 0.005
+               "DPO": model([g + 0.1 + (0.01 if i % 2 else -0.01) for i, g in enumerate(sft)]),  # +0.1 ± 0.005
+               "CAI": model(sft, [1, 0] * 9 + [0, 1])}  # same harmful rate as SFT
+    found = {claim: status for claim, status, _ in report.checks(str(tmp_path), results)}
+    assert found["base < SFT (gold, greedy)"] == report.PASS
+    assert found["PPO > SFT (gold, greedy)"] == report.NOT_SHOWN
+    assert found["DPO > SFT (gold, sampled)"] == report.PASS
+    assert found["CAI: fewer rude or harmful red-team answers than SFT"] == report.NOT_SHOWN
+    results["PPO"] = model([g - 0.05 for g in sft])
+    found = {claim: status for claim, status, _ in report.checks(str(tmp_path), results)}
+    assert found["PPO > SFT (gold, greedy)"] == report.FAIL
