@@ -191,6 +191,18 @@ def main(argv):
     critic_tx, _ = optim.from_config(cfg.critic_optim, total_updates)
     kl_ctl = (rl.adaptive_kl_init(cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else rl.FixedKLController(jnp.float32(cfg.kl.init_coef)))
+    if cfg.kl.adaptive:
+        if not (cfg.kl.horizon > 0 and cfg.kl.target > 0):
+            raise app.UsageError(f"--config.kl.horizon={cfg.kl.horizon} and --config.kl.target={cfg.kl.target} "
+                                 "must be > 0 with the adaptive controller")
+        step = 0.2 * B / cfg.kl.horizon  # the most β can move in one iteration (clipped error 0.2)
+        print(f"adaptive β from {cfg.kl.init_coef}, target {cfg.kl.target} nats: horizon {cfg.kl.horizon} episodes = "
+              f"{cfg.kl.horizon / B:g} iterations, so β moves at most {100 * step:.2g}% per iteration and "
+              f"×{(1 + step) ** iterations:.3g} over the run", flush=True)
+        if (1 + step) ** iterations < 1.1:
+            print(f"warning: --config.kl.horizon={cfg.kl.horizon} is so long that β stays within 10% of its start "
+                  "over the whole run, in effect a fixed β (set kl.adaptive=False to say so, or shorten it)",
+                  flush=True)
     pcfg = ppo.PPOConfig(temperature=cfg.rollout.temperature, clip_eps=cfg.ppo.clip_eps,
                          value_clip_eps=cfg.ppo.value_clip_eps, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam,
                          kl_kind=cfg.ppo.kl_kind, entropy_coef=cfg.ppo.entropy_coef,

@@ -205,7 +205,9 @@ class AdaptiveKLState(NamedTuple):
       value: the current KL coefficient β.
       target: the KL (nats per sequence, as measured by the caller) that β steers towards.
       horizon: how many episodes it takes to move β by the full clipped error (10k in
-        lm-human-preferences); larger is slower and smoother.
+        lm-human-preferences); larger is slower and smoother. In iterations of E episodes,
+        β moves by at most a factor 1 ± 0.2·E/horizon per iteration: a horizon far above the
+        run's total episodes makes β in effect fixed.
     """
 
     value: Array
@@ -263,3 +265,57 @@ def explained_variance(values: Array, returns: Array, mask: Array) -> Array:
     var_ret = _masked_var(ret, m)
     var_err = _masked_var(ret - v, m)
     return jnp.where(var_ret > 0, 1.0 - var_err / jnp.where(var_ret > 0, var_ret, 1.0), jnp.nan)
+
+
+# ------------------------------------------------------------------------------------------------
+# Critic-free advantages over groups of completions (GRPO family)
+# ------------------------------------------------------------------------------------------------
+
+ADVANTAGE_ESTIMATORS = ("grpo", "grpo_no_std", "dr_grpo", "rloo")
+__all__ += ["ADVANTAGE_ESTIMATORS", "group_advantages", "informative_groups"]
+
+
+def _groups(rewards: Array, group_size: int) -> Array:
+    r = _f32(rewards)
+    if r.ndim != 1 or group_size < 2 or r.shape[0] % group_size:
+        raise ValueError(f"rewards must be [P·G] with G = group_size >= 2 dividing it; got shape {r.shape}, "
+                         f"group_size={group_size}")
+    return r.reshape(-1, group_size)  # [P, G]: row p holds the G completions of prompt p
+
+
+def group_advantages(rewards: Array, group_size: int, estimator: str = "grpo", eps: float = 1e-6) -> Array:
+    """One advantage per completion, from the other completions of its prompt (no critic).
+
+    ``rewards [P·G]`` lists the G completions of each prompt together (prompt-major). With
+    ``r̄`` the group's mean and ``σ`` its standard deviation (unbiased, ``ddof=1``, as TRL)::
+
+        grpo         (r − r̄) / (σ + eps)       DeepSeekMath's GRPO
+        grpo_no_std  r − r̄                     the same without dividing by σ
+        dr_grpo      r − r̄                     Dr. GRPO (Liu et al. 2025): σ biases towards easy and
+                                               hard prompts; its other half is the constant normaliser
+                                               (`losses.aggregate_token_losses`)
+        rloo         r − mean of the others    = G/(G−1)·(r − r̄) (Ahmadian et al. 2024): unbiased
+
+    A group whose rewards are all equal gets advantage 0 everywhere (σ = 0 gives 0/eps, never NaN).
+    Returns ``[P·G]`` float32, under ``stop_gradient``.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
+    r = _groups(rewards, group_size)
+    g = r.shape[1]
+    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    if estimator == "grpo":
+        std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (g - 1))
+        adv = centred / (std + eps)
+    elif estimator == "rloo":
+        adv = centred * (g / (g - 1))
+    else:
+        adv = centred
+    return jax.lax.stop_gradient(adv.reshape(-1))
+
+
+def informative_groups(rewards: Array, group_size: int) -> Array:
+    """``[P]`` bool: the groups whose rewards are not all equal. The others have zero advantage under
+    every estimator, so they carry no signal (DAPO's dynamic sampling drops and refills them)."""
+    r = _groups(rewards, group_size)
+    return jnp.max(r, axis=1) > jnp.min(r, axis=1)
