@@ -135,8 +135,9 @@ def check_reward_kl_kind(kind: str) -> None:
     if kind not in REWARD_KL_KINDS:
         raise ValueError(
             f"kl_kind={kind!r}: only 'k1' is a correct per-token KL reward. As a fixed reward, k2's and k3's "
-            "policy-gradient expectations are not the gradient of KL(pi || ref) (k3 is correct only as a "
-            "differentiated loss term, as GRPO uses it); both are still logged (kl_k3 in the metrics).")
+            "policy-gradient expectations are not the gradient of KL(pi || ref) (differentiated as a loss term, "
+            "k2's is, and k3's, GRPO's beta*k3, is the gradient of the reverse KL(ref || pi)); k3 is still "
+            "logged (kl_k3 in the metrics).")
 
 
 def token_level_rewards(
@@ -162,8 +163,9 @@ def token_level_rewards(
     sequence-level score arrives once at the end, the KL is paid per token (so GAE can credit
     it locally). Only ``k1`` is accepted: a per-token reward enters the policy gradient as a
     fixed weight on ∇log π, and ``E_π[k ∇log π] = ∇KL(π‖π_ref)`` holds for k1 only (the
-    score-function gradients of k2 and k3 differ from ∇KL in sign and size; k3 is correct as a
-    *differentiated* loss term, as GRPO uses it). k2 and k3 remain for logging. The
+    score-function gradients of k2 and k3 differ from ∇KL in sign and size). Differentiated as
+    loss terms instead, on-policy, k2 gives ∇KL(π‖π_ref) exactly and k3 (GRPO's β·k3) gives
+    ∇KL(π_ref‖π), the reverse KL: same minimum, another gradient (tests/test_rl.py). The
     missing-EOS penalty (TRL's ``missing_eos_penalty``) discourages truncated answers that the
     reward model would otherwise score as if finished.
 
