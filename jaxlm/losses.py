@@ -488,3 +488,89 @@ def ppo_value_loss(
     aux = {"clip_fraction": jax.lax.stop_gradient(
         _masked_mean((vf_loss2 > vf_loss1).astype(jnp.float32), m))}
     return _masked_sum(per_token, m), count, aux
+
+
+# ------------------------------------------------------------------------------------------------
+# GRPO family: group-relative policy losses (critic-free)
+# ------------------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+RATIO_LEVELS = ("token", "sequence")
+__all__ += ["AGGREGATIONS", "RATIO_LEVELS", "aggregate_token_losses", "grpo_policy_loss"]
+
+
+def aggregate_token_losses(per_token: Array, mask: Array, aggregation: str = "token_mean",
+                           max_tokens: int | None = None) -> tuple[Array, Array]:
+    """``(loss sum, normaliser)`` of per-token losses ``[B, N]``, for the step to divide *after*
+    summing both over gradient-accumulation micro-batches (so 1 × 8 rows equals 8 × 1).
+
+    ``token_mean``     Σ tokens / number of tokens            DAPO: every token weighs the same
+    ``sequence_mean``  Σ_rows (row mean) / number of rows     the original GRPO: a long answer's
+                                                              tokens weigh less than a short one's
+    ``constant``       Σ tokens / (rows · max_tokens)         Dr. GRPO: no length bias at all
+                                                              (``max_tokens``: the generation budget)
+
+    Rows without a token count for nothing (and as no row) under ``sequence_mean``.
+    """
+    m = _f32(mask) > 0
+    per_row_tokens = jnp.sum(m.astype(jnp.float32), axis=-1)  # [B]
+    if aggregation == "token_mean":
+        return _masked_sum(per_token, m), jnp.sum(per_row_tokens)
+    if aggregation == "sequence_mean":
+        row_sums = jnp.sum(jnp.where(m, _f32(per_token), 0.0), axis=-1)
+        return jnp.sum(row_sums / jnp.maximum(per_row_tokens, 1.0)), jnp.sum((per_row_tokens > 0).astype(jnp.float32))
+    if aggregation == "constant":
+        if not max_tokens or max_tokens < 1:
+            raise ValueError(f"aggregation='constant' needs max_tokens >= 1 (the generation budget), got {max_tokens}")
+        return _masked_sum(per_token, m), jnp.float32(per_token.shape[0] * max_tokens)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def grpo_policy_loss(
+    logp: Array, old_logp: Array, advantages: Array, mask: Array, *, clip_low: float | Array,
+    clip_high: float | Array, ratio_level: str = "token", aggregation: str = "token_mean",
+    max_tokens: int | None = None, ref_logp: Array | None = None, beta: float | Array = 0.0,
+) -> tuple[Array, Array, dict[str, Array]]:
+    """The clipped group-relative surrogate plus β·k3 to the reference, as ``(sum, normaliser, aux)``.
+
+    ``advantages [B]`` hold one value per completion (``rl.group_advantages``), the same on all of
+    its tokens. Per token (``ratio_level='token'``, GRPO/DAPO), with ``ρ = exp(logp − old_logp)``::
+
+        l = max(−A ρ, −A clip(ρ, 1 − ε_low, 1 + ε_high)) + β · k3(logp, ref_logp)
+
+    ``clip_low = clip_high`` is PPO's symmetric ε; ``clip_high > clip_low`` is DAPO's clip-higher
+    (an unlikely token with A > 0 may grow further before its gradient stops). With
+    ``ratio_level='sequence'`` (GSPO, Zheng et al. 2025) every token of a row gets the row's
+    length-normalised ratio ``s = exp(mean_t(logp − old_logp))`` in place of ρ, and the row's
+    clipping decision. The k3 term ``exp(r) − 1 − r`` with ``r = ref_logp − logp`` (DeepSeekMath)
+    is differentiated through ``logp`` only; on-policy its expected gradient is ∇ KL(π_ref ‖ π)
+    (tests/test_grpo.py), whose optimum is not the π_ref·exp(r/β) of a KL(π ‖ π_ref) penalty.
+    ``ref_logp=None`` or ``beta=0`` (a Python zero) leaves the term out.
+
+    Losses are aggregated by :func:`aggregate_token_losses`. ``aux`` holds token *sums*, to add
+    over micro-batches and divide by ``aux['tokens']``: ``clip_low`` / ``clip_high`` (tokens whose
+    clipped term won at each edge), ``ratio`` (ρ or s), ``k3``, and ``tokens``.
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    m = _f32(mask) > 0
+    log_ratio = jnp.where(m, _f32(logp) - jax.lax.stop_gradient(_f32(old_logp)), 0.0)  # [B, N]
+    if ratio_level == "sequence":
+        n = jnp.maximum(jnp.sum(m.astype(jnp.float32), axis=-1, keepdims=True), 1.0)
+        log_ratio = jnp.broadcast_to(jnp.sum(log_ratio, axis=-1, keepdims=True) / n, log_ratio.shape)
+    adv = jax.lax.stop_gradient(_f32(advantages))[:, None]  # [B, 1]
+    ratio = jnp.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = jnp.maximum(unclipped, clipped)
+    won = clipped > unclipped
+    tokens = jnp.sum(m.astype(jnp.float32))
+    aux = {"clip_low": _masked_sum((won & (ratio < 1.0)).astype(jnp.float32), m),
+           "clip_high": _masked_sum((won & (ratio > 1.0)).astype(jnp.float32), m),
+           "ratio": _masked_sum(ratio, m), "tokens": tokens}
+    if ref_logp is not None and not (_is_number(beta) and beta == 0):
+        k3 = kl_k3(jnp.where(m, _f32(logp), 0.0), jnp.where(m, jax.lax.stop_gradient(_f32(ref_logp)), 0.0))
+        per_token = per_token + beta * k3
+        aux["k3"] = _masked_sum(k3, m)
+    loss_sum, normaliser = aggregate_token_losses(per_token, m, aggregation, max_tokens)
+    return loss_sum, normaliser, jax.lax.stop_gradient(aux)
