@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments import comparison
 from jaxlm import checkpoint, eval as eval_lib, init_source
 from jaxlm.data.tinyworld import judge, tasks, world as W
 from jaxlm.model import ModelConfig
@@ -377,6 +378,10 @@ def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str,
                   "| | claim | measured |", "|---|---|---|"]
         parts += [f"| {mark[status]} | {claim} | {values} |" for claim, status, values in found]
         parts += [""]
+    compared = comparison.comparison_table(pipeline_dir, results, timings)
+    if compared:
+        parts += ["## Comparing the stages", "", "Every figure is this run's (`experiments/comparison.py` says how "
+                  "compute is counted: model FLOPs of the formula, not profiler readings).", "", compared, ""]
     rm = _read_jsonl(os.path.join(pipeline_dir, "reward", "metrics.jsonl"))
     accs = [r for r in rm if "eval_accuracy" in r]
     if accs:

@@ -60,6 +60,11 @@ def test_every_stage_finishes_and_the_report_has_a_row_per_model(run):
         assert claim in checks, claim
     assert "a judge blind to content:" in checks  # Beside the Bayes accuracy: what checking answers adds.
     assert "Reward model held-out accuracy" in report and "PPO's KL to SFT: " in report
+    compared = report.split("## Comparing the stages")[1].split("\n## ")[0]
+    for row in ("goal", "data", "supervision", "compute", "wall time", "key challenge, measured"):
+        assert f"| **{row}** |" in compared, row
+    for column in ("Pre-training", "Fine-tuning (SFT)", "Reward model", "RLHF with PPO", "DPO", "Constitutional AI"):
+        assert column in next(line for line in compared.splitlines() if line.startswith("| |")), column
     for plot in ("losses.png", "ppo_reward_vs_kl.png", "dpo_margins.png"):
         assert (workdir / "plots" / plot).stat().st_size > 1000, plot
         assert f"plots/{plot}" in report
