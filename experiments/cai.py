@@ -45,7 +45,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
@@ -59,7 +59,7 @@ from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
 from jaxlm.train_state import abstract_train_state, state_shardings, train_state_from_params
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/cai_tiny.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("cai_tiny.py"), "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (generated data, checkpoints, metrics).", required=True)
 
 
@@ -194,10 +194,11 @@ def run_sl(cfg, workdir: str):
     examples = sft.ChatExamples(train_file, tokenizer, seq_len=cfg.train.seq_len, too_long="skip")
     if examples.report():
         print(f"{train_file}: {examples.report()}", flush=True)
+    usable = common.usable(examples, train_file, "conversations in the fine-tuning mix")
     with sharding.use_rules(mesh):
         train_step = jax.jit(lm.make_train_step(model, optimizer, schedule), donate_argnums=0,
                              in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, None))
-    print(f"Fine-tuning {steps} steps of {cfg.train.batch_size}×{cfg.train.seq_len} tokens on {len(examples)} "
+    print(f"Fine-tuning {steps} steps of {cfg.train.batch_size}×{cfg.train.seq_len} tokens on {usable} "
           f"conversations", flush=True)
 
     def initial_eval(_):  # The model before fine-tuning: init_from's weights, as loaded for generation.
@@ -247,6 +248,7 @@ def run_rl_label(cfg, workdir: str):
     else:
         feedback_model, feedback_params = model, params
     files = prepare_data(cfg, workdir)
+    loop.write_config(workdir, {"stage": "cai_rl_label", "config": cfg.to_dict()})
     labels_path = os.path.join(workdir, "ai_labels.jsonl")
     if os.path.exists(labels_path):
         print(f"Reusing {labels_path}", flush=True)
@@ -325,4 +327,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

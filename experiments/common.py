@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxlm import checkpoint, init_source, loop, sharding
 from jaxlm.data import packing
-from jaxlm.data.sources import DocumentSource
+from jaxlm.data.sources import DataError, DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
 from jaxlm.hf import load_tokenizer
 from jaxlm.model import ModelConfig
@@ -35,6 +35,25 @@ def tinyworld_dir(cfg, workdir: str, *, marker: str = "summary.json") -> str:
         tinyworld.make_all(data_dir, seed=sizes.pop("seed"), log=lambda _: None, **sizes)
     sharding.barrier("builtin-data")
     return data_dir
+
+
+def config_path(name: str) -> str:
+    """A config file of experiments/configs/ by name, found from the package (a binary's default
+    `--config` works from any directory)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", name)
+
+
+def usable(examples, files: str, what: str) -> int:
+    """How many records of `examples` (sft.ChatExamples, preferences.PreferencePairs) reach the
+    batches, after bad records and the `too_long` policy; none is a DataError with the counts (a
+    pipeline that filters out every record would wait for a batch forever)."""
+    dropped = getattr(examples, "num_dropped", 0) + (examples.num_too_long if examples.too_long == "skip" else 0)
+    kept = len(examples) - dropped
+    if kept <= 0:
+        raise DataError(f"no usable {what}: {len(examples) + examples.num_skipped} records read, "
+                        f"{examples.report() or 'none kept'}; nothing is left to train or evaluate on (raise the "
+                        "seq_len, or check the data)", files)
+    return kept
 
 
 def local_batch_size(cfg) -> int:

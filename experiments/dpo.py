@@ -57,7 +57,7 @@ from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import dpo
 from jaxlm.train_state import abstract_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/dpo_tiny.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("dpo_tiny.py"), "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 
@@ -123,6 +123,7 @@ def load_pairs(cfg, files: str, tokenizer, *, with_reference: bool = False) -> p
         float_fields=dpo.REF_KEYS if with_reference else ())
     if pairs.report():
         print(f"{files}: {pairs.report()}", flush=True)
+    common.usable(pairs, files, "preference pairs")  # none: an error now, not a pipeline waiting forever
     return pairs
 
 
@@ -274,8 +275,8 @@ def main(argv):
         eval_records = read_prompts(cfg, files["prompts"])
     sides = "length-averaged" if options["average_log_probs"] else "summed"
     print(f"DPO ({loss.loss_type}, β={loss.beta}, {sides} log-probs): {model_cfg.num_params() / 1e6:.2f}M parameters; mesh "
-          f"{sharding.describe(mesh)}; {steps} steps of {cfg.data.batch_size} pairs; {len(train_pairs)} training "
-          f"pairs; reference {'precomputed' if precompute else 'on the fly'} from {reference}", flush=True)
+          f"{sharding.describe(mesh)}; {steps} steps of {cfg.data.batch_size} pairs; "
+          f"{common.usable(train_pairs, files['train'], 'pairs')} training pairs; reference {'precomputed' if precompute else 'on the fly'} from {reference}", flush=True)
 
     batch_sh = sharding.batch_sharding(mesh)
     ref_sh = None if precompute else state_sh.params
@@ -348,4 +349,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

@@ -53,7 +53,7 @@ from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 from jaxlm.steps import ppo
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/ppo_tiny.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("ppo_tiny.py"), "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 
@@ -342,4 +342,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

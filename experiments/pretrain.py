@@ -18,7 +18,7 @@ import dataclasses
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
@@ -29,7 +29,7 @@ from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.model import Model
 from jaxlm.train_state import abstract_train_state, create_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/pretrain_tiny.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("pretrain_tiny.py"), "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 
@@ -113,4 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

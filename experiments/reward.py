@@ -24,7 +24,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
@@ -35,7 +35,7 @@ from jaxlm.reward_model import ScalarHeadModel, normalize_head
 from jaxlm.steps import reward
 from jaxlm.train_state import abstract_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/reward_tiny.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("reward_tiny.py"), "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, eval.json).", required=True)
 
 
@@ -78,6 +78,7 @@ def load_pairs(cfg, files: str, tokenizer) -> preferences.PreferencePairs:
         chosen_field=cfg.data.chosen_field, rejected_field=cfg.data.rejected_field, label_field=cfg.data.label_field)
     if pairs.report():
         print(f"{files}: {pairs.report()}", flush=True)
+    common.usable(pairs, files, "preference pairs")  # none: an error now, not a pipeline waiting forever
     return pairs
 
 
@@ -163,7 +164,8 @@ def main(argv):
     valid_pairs = load_pairs(cfg, files["valid"], tokenizer) if files["valid"] else None
     ceilings = label_ceilings(files["dir"])
     print(f"Reward model: {model_cfg.num_params() / 1e6:.2f}M parameters; mesh {sharding.describe(mesh)}; {steps} "
-          f"steps of {cfg.data.batch_size} pairs; {len(train_pairs)} training pairs", flush=True)
+          f"steps of {cfg.data.batch_size} pairs; {common.usable(train_pairs, files['train'], 'pairs')} training pairs",
+          flush=True)
 
     state_sh = state_shardings(rm, optimizer, mesh)
     batch_sh = sharding.batch_sharding(mesh)
@@ -229,4 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

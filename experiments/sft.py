@@ -23,7 +23,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
@@ -33,7 +33,7 @@ from jaxlm.data.sources import DocumentSource
 from jaxlm.model import Model
 from jaxlm.train_state import abstract_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/sft_tiny.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("sft_tiny.py"), "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 
@@ -88,6 +88,7 @@ def load_examples(cfg, files: str, tokenizer) -> sft.ChatExamples:
                                 last_turn_only=cfg.data.last_turn_only)
     if examples.report():
         print(f"{files}: {examples.report()}", flush=True)
+    common.usable(examples, files, "conversations")  # none: an error now, not a pipeline waiting forever
     return examples
 
 
@@ -140,7 +141,8 @@ def main(argv):
     train_examples = load_examples(cfg, files["train"], tokenizer)
     valid_examples = load_examples(cfg, files["valid"], tokenizer) if files["valid"] else None
     print(f"Model: {model_cfg.num_params() / 1e6:.2f}M parameters; mesh {sharding.describe(mesh)}; {steps} steps of "
-          f"{cfg.data.batch_size}×{cfg.data.seq_len} tokens; {len(train_examples)} training conversations", flush=True)
+          f"{cfg.data.batch_size}×{cfg.data.seq_len} tokens; "
+          f"{common.usable(train_examples, files['train'], 'conversations')} training conversations", flush=True)
 
     state_sh = state_shardings(model, optimizer, mesh)
     train_step, held_out = common.lm_steps(cfg, model, optimizer, schedule, mesh, state_sh)
@@ -200,4 +202,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

@@ -33,6 +33,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -41,6 +42,7 @@ import jax
 from jaxlm import checkpoint, metrics as metrics_lib, sharding
 
 Metrics = dict[str, float]
+DATA_WAIT_GRACE_S = 10  # After SIGTERM, how long a wait for the next batch may last before the process exits.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,14 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
     workdir whose lines carry a `step`, truncated like metrics.jsonl on resume.
     """
     steps = cadence.steps
+    meta = checkpoint.relative_run_paths(meta, workdir)
     start_step, state = _restore_or_init(ckpt, abstract_state, batches, init_state)
+    if start_step > steps:
+        ckpt.close()
+        raise ValueError(f"--config.train.steps={steps} is below step {start_step}, where the run in {workdir} "
+                         f"already is; give at least {start_step} steps to resume it, or use another --workdir for a "
+                         "shorter run")
+    write_config(workdir, meta)
     # Lines past the restored step are written again; a fresh start also drops what a run killed
     # before its first checkpoint wrote at step 0 (initial_eval writes it again).
     keep_until = start_step if start_step else -1
@@ -124,7 +133,9 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
     try:
         with rules:
             for step in range(start_step + 1, steps + 1):
-                state, step_metrics = step_fn(state, place(next(batches)))
+                with stop.waiting_for_data():
+                    batch = next(batches)
+                state, step_metrics = step_fn(state, place(batch))
                 throughput.add(tokens_per_step)
                 progress.update(1)
                 if step == start_step + 1:
@@ -184,6 +195,18 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
 # --- The pieces ------------------------------------------------------------------------------------
 
 
+def write_config(workdir: str, meta: Mapping[str, Any]) -> None:
+    """WORKDIR/config.json = {"stage", **meta["config"]} (process 0, atomically), written once the run
+    has started: a command that failed before (bad data, bad flags) leaves the run's own untouched."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"stage": meta.get("stage"), **(meta.get("config") or {})}, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
 def every(step: int, period: int) -> bool:
     """True on every `period`-th step; a period of 0 (or less) means never, not a division by zero."""
     return period > 0 and step % period == 0
@@ -197,12 +220,28 @@ class StopSignal:
     `check(step)` is what the loop asks: with one process it is the flag itself; with several,
     the processes exchange their flags every `sync_every` steps (a tiny all-gather, and a host
     sync: pick a step the loop syncs at anyway, e.g. its logging interval) and stop together.
+
+    A SIGTERM must end the process even when the loop never gets to check: while the loop waits
+    for a batch (a data pipeline that filters out every record spins forever), the process exits
+    with status 143, unsaved, if no batch came `DATA_WAIT_GRACE_S` seconds after the signal; a
+    second SIGTERM exits at once.
     """
 
     def __init__(self, sync_every: int = 1):
         self.requested = False
         self.sync_every = max(1, sync_every)
+        self._waiting = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        self._waiting = True
+        if self.requested:
+            self._watch()
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def check(self, step: int) -> bool:
         """Whether every process stops after `step` (call it on every process, every step)."""
@@ -211,8 +250,23 @@ class StopSignal:
         return step % self.sync_every == 0 and sharding.any_process(self.requested)
 
     def _handle(self, signum, frame):
+        if self.requested:
+            print("\nA second SIGTERM: exiting now, without saving.", file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGTERM)
         self.requested = True
         print("\nSIGTERM received: saving a checkpoint and exiting.", file=sys.stderr, flush=True)
+        if self._waiting:
+            self._watch()
+
+    def _watch(self):
+        """Exit (143, unsaved) unless the batch being waited for arrives within DATA_WAIT_GRACE_S."""
+        def expire():
+            time.sleep(DATA_WAIT_GRACE_S)
+            if self._waiting:
+                print(f"\nSIGTERM: no batch came in {DATA_WAIT_GRACE_S}s (does the data filter out every record?); "
+                      "exiting without saving.", file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGTERM)
+        threading.Thread(target=expire, daemon=True).start()
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
