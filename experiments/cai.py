@@ -46,7 +46,6 @@ import time
 import jax
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import cai, checkpoint, eval as eval_lib, init_source, loop, optim, runtime, sharding
@@ -59,7 +58,7 @@ from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
 from jaxlm.train_state import abstract_train_state, state_shardings, train_state_from_params
 
-_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("cai_tiny.py"), "Experiment config.")
+_CONFIG = common.define_config("cai_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (generated data, checkpoints, metrics).", required=True)
 
 

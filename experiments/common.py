@@ -14,8 +14,9 @@ from typing import Callable, Iterable
 
 import jax
 import numpy as np
+from ml_collections import config_flags
 
-from jaxlm import checkpoint, init_source, loop, sharding
+from jaxlm import checkpoint, init_source, loop, runtime, sharding
 from jaxlm.data import packing
 from jaxlm.data.sources import DataError, DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
@@ -41,6 +42,15 @@ def config_path(name: str) -> str:
     """A config file of experiments/configs/ by name, found from the package (a binary's default
     `--config` works from any directory)."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", name)
+
+
+def define_config(name: str):
+    """The binary's `--config` flag, experiments/configs/NAME by default. An override naming no
+    field of the default config is refused while the flag is defined: one line, exit status 1."""
+    try:
+        return config_flags.DEFINE_config_file("config", config_path(name), "Experiment config.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        runtime.exit_on_config_error(e)
 
 
 def usable(examples, files: str, what: str) -> int:

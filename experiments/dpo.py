@@ -45,7 +45,6 @@ import time
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import checkpoint, eval as eval_lib, init_source, loop, losses, optim, runtime, sharding
@@ -57,7 +56,7 @@ from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import dpo
 from jaxlm.train_state import abstract_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("dpo_tiny.py"), "Experiment config.")
+_CONFIG = common.define_config("dpo_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 

@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import checkpoint, init_source, loop, optim, rl, runtime, sampling, sharding
@@ -53,7 +52,7 @@ from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 from jaxlm.steps import ppo
 
-_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("ppo_tiny.py"), "Experiment config.")
+_CONFIG = common.define_config("ppo_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 

@@ -19,7 +19,6 @@ import os
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import checkpoint, loop, optim, runtime, sharding
@@ -29,7 +28,7 @@ from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.model import Model
 from jaxlm.train_state import abstract_train_state, create_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("pretrain_tiny.py"), "Experiment config.")
+_CONFIG = common.define_config("pretrain_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 

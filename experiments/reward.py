@@ -25,7 +25,6 @@ import os
 import jax
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import checkpoint, init_source, loop, optim, runtime, sharding
@@ -35,7 +34,7 @@ from jaxlm.reward_model import ScalarHeadModel, normalize_head
 from jaxlm.steps import reward
 from jaxlm.train_state import abstract_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("reward_tiny.py"), "Experiment config.")
+_CONFIG = common.define_config("reward_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, eval.json).", required=True)
 
 

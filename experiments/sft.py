@@ -24,7 +24,6 @@ import os
 import jax
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import common
 from jaxlm import checkpoint, init_source, loop, optim, runtime, sharding
@@ -33,7 +32,7 @@ from jaxlm.data.sources import DocumentSource
 from jaxlm.model import Model
 from jaxlm.train_state import abstract_train_state, state_shardings
 
-_CONFIG = config_flags.DEFINE_config_file("config", common.config_path("sft_tiny.py"), "Experiment config.")
+_CONFIG = common.define_config("sft_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 

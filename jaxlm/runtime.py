@@ -74,16 +74,29 @@ def _parse_flags(argv: list[str]):
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError, TypeError) as e:
-        text = str(e.args[0]) if e.args else str(e)
-        try:
-            text = str(ast.literal_eval(text))  # ml_collections wraps the KeyError's repr
-        except (ValueError, SyntaxError):
-            pass
-        text = " ".join(text.split())
-        overrides = [a for a in argv[1:] if a.startswith("--config.")]
-        named = [a for a in overrides if a.split("=", 1)[0].rsplit(".", 1)[-1] in text] or overrides
-        where = f"{named[0]}: " if named else ""
-        raise ConfigError(f"{where}no such config field ({text})") from None
+        raise ConfigError(override_error(e, argv)) from None
+
+
+def override_error(e: Exception, argv: list[str]) -> str:
+    """The message for a `--config.x.y=v` override that ml_collections refused, naming the flag."""
+    text = str(e.args[0]) if e.args else str(e)
+    try:
+        text = str(ast.literal_eval(text))  # ml_collections wraps the KeyError's repr
+    except (ValueError, SyntaxError):
+        pass
+    text = " ".join(text.split())
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in overrides if repr(a.split("=", 1)[0].rsplit(".", 1)[-1]) in text] or overrides
+    return f"{named[0] + ': ' if named else ''}no such config field, or a value of the wrong type ({text})"
+
+
+def exit_on_config_error(e: Exception) -> None:
+    """For an override refused while `--config` is being defined (ml_collections applies them to the
+    default config at import time, before `run`): the message alone, exit status 1."""
+    if _traceback_wanted():
+        raise e
+    print(f"ERROR: {override_error(e, sys.argv)}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _traceback_wanted() -> bool:
@@ -144,10 +157,10 @@ def lock_workdir(workdir: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        pid, _, since = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
         os.close(fd)
-        raise WorkdirBusy(f"{workdir} is in use by another run (pid {holder}); wait for it to end, or use another "
-                          "--workdir") from None
+        raise WorkdirBusy(f"{workdir} is in use by another run (pid {pid or 'unknown'}{', since ' + since if since else ''}"
+                          "); wait for it to end, or use another --workdir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _LOCKS[workdir] = fd
