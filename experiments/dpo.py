@@ -244,8 +244,11 @@ def main(argv):
     loss, options = loss_config(cfg)
     reference = cfg.reference_from or cfg.init_from
     policy_meta = init_source.load_meta(cfg.init_from, "init_from")
-    if init_source.load_meta(reference, "reference_from")["model"] != policy_meta["model"]:
+    reference_meta = init_source.load_meta(reference, "reference_from")
+    if reference_meta["model"] != policy_meta["model"]:
         raise ValueError(f"the reference {reference} and the policy {cfg.init_from} have different model configs")
+    init_source.check_same_tokenizer(policy_meta, "init_from", cfg.init_from, reference_meta, "reference_from",
+                                     reference, "the reference must score the policy's tokens")
     tokenizer = init_source.copy_tokenizer(policy_meta, workdir)  # also an hf: checkpoint's tokenizer
     model_cfg = ModelConfig(**policy_meta["model"])
     model = Model(model_cfg)

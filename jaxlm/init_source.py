@@ -47,7 +47,7 @@ TOKENIZER_DIR = "tokenizer"  # <workdir>/tokenizer/: a Hugging Face tokenizer's 
 TOKENIZER_MODEL = "tokenizer.model"  # <workdir>/tokenizer.model: a jaxlm SentencePiece model
 
 __all__ = ["is_hf", "load_meta", "load_params", "load_for_inference", "load_tokenizer", "copy_tokenizer",
-           "save_tokenizer", "workdir_tokenizer", "same_tokenizer", "fingerprint"]
+           "save_tokenizer", "workdir_tokenizer", "same_tokenizer", "check_same_tokenizer", "fingerprint"]
 
 
 def is_hf(path: str) -> bool:
@@ -80,15 +80,18 @@ def load_meta(path: str, flag: str = "init_from") -> dict:
         cfg = hf.model_config_from_hf(hf_config)
         return {"stage": "reward" if _is_reward_checkpoint(hf_config) else "hf", "model": dataclasses.asdict(cfg),
                 "tokenizer": directory, "hf": directory}
-    source = checkpoint.Checkpointer(checkpoint.checkpoint_dir(path), async_save=False)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--config.{flag}={path}: no such directory")
+    directory = checkpoint.checkpoint_dir(path)
+    found = checkpoint.newest_meta(directory)  # read only: another run's directory is never written
+    if found is None:
+        hint = " (a Hugging Face directory? write hf:PATH)" if os.path.isfile(
+            os.path.join(str(path), "config.json")) else ""
+        raise FileNotFoundError(f"--config.{flag}={path} holds no checkpoint{hint}")
     try:
-        if source.latest_step() is None:
-            hint = " (a Hugging Face directory? write hf:PATH)" if os.path.isfile(
-                os.path.join(str(path), "config.json")) else ""
-            raise FileNotFoundError(f"--config.{flag}={path} holds no checkpoint{hint}")
-        meta = source.restore_meta()
-    finally:
-        source.close()
+        meta = checkpoint.resolve_run_paths(found[1], checkpoint.run_dir(directory))
+    except ValueError as e:
+        raise ValueError(f"--config.{flag}={path}: {e}") from None
     for key in ("model", "tokenizer"):
         if key not in meta:
             raise KeyError(f"--config.{flag}={path}: checkpoint meta has no {key!r} (has {sorted(meta)})")
@@ -105,7 +108,12 @@ def load_params(path: str, *, shardings: Any = None, item: str = "params", flag:
     `item` selects a subtree of a jaxlm state (e.g. PPO's `critic`); HF sources have only params.
     """
     if not is_hf(path):
-        return checkpoint.load_params(path, item=item, shardings=shardings)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--config.{flag}={path}: no such directory")
+        try:
+            return checkpoint.load_params(path, item=item, shardings=shardings)
+        except checkpoint.RunMismatch as e:
+            raise checkpoint.RunMismatch(f"--config.{flag}={e}") from None
     if item != "params":
         raise ValueError(f"--config.{flag}={path}: a Hugging Face directory has no {item!r}, only params")
     meta = load_meta(path, flag)
@@ -128,6 +136,9 @@ def load_for_inference(path: str, step: int | None = None) -> tuple[Model, Any, 
         params, meta = load_params(path)
     else:
         params, meta = checkpoint.load_params(path, step)
+    if isinstance(params, dict) and "head" in params:
+        raise ValueError(f"{path} is a {meta.get('stage', '?')} run, {checkpoint.model_kind(params)}: it scores "
+                         "text and cannot generate; give a language-model run (pretrain, sft, dpo, ppo, cai)")
     model = Model(ModelConfig(**meta["model"]))
     tokenizer = load_tokenizer(meta["tokenizer"])
     return model, params, tokenizer
@@ -137,10 +148,8 @@ def fingerprint(path: str) -> dict:
     """What identifies the source's weights (for caches keyed on them, e.g. DPO's precomputed
     reference log-probs): the checkpoint step, or the HF weight files' sizes and mtimes."""
     if not is_hf(path):
-        source = checkpoint.Checkpointer(checkpoint.checkpoint_dir(path), async_save=False)
-        step = source.latest_step()
-        source.close()
-        return {"path": os.path.abspath(path), "step": step}
+        found = checkpoint.newest_meta(checkpoint.checkpoint_dir(path))
+        return {"path": os.path.abspath(path), "step": found and found[0]}
     directory = _hf_dir(path, "init_from")
     files = sorted(n for n in os.listdir(directory) if n.endswith((".safetensors", ".json")))
     stats = [[n, os.stat(os.path.join(directory, n)).st_size, os.stat(os.path.join(directory, n)).st_mtime_ns]
@@ -201,3 +210,11 @@ def _tokenizer_key(tokenizer) -> bytes:
 def same_tokenizer(a, b) -> bool:
     """True when two tokenizers give the same ids, special tokens and chat format (same files)."""
     return type(a) is type(b) and _tokenizer_key(a) == _tokenizer_key(b)
+
+
+def check_same_tokenizer(meta_a: dict, flag_a: str, path_a: str, meta_b: dict, flag_b: str, path_b: str, why: str):
+    """Two sources that must read the same tokens (a policy and its reference, reward or feedback
+    model): a ValueError naming both flags unless their tokenizers are the same."""
+    if not same_tokenizer(load_tokenizer(meta_a["tokenizer"]), load_tokenizer(meta_b["tokenizer"])):
+        raise ValueError(f"--config.{flag_a}={path_a} and --config.{flag_b}={path_b} use different tokenizers "
+                         f"({meta_a['tokenizer']} and {meta_b['tokenizer']}); {why}")

@@ -138,6 +138,7 @@ def _sft_workdir(d, tok, path):
     ckpt.save(1, {"step": jnp.int32(1), "params": params},
               meta={"stage": "sft", "model": dataclasses.asdict(cfg), "tokenizer": str(d / "tokenizer.model")})
     ckpt.close()
+    (path / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes())  # a run keeps its tokenizer inside it
     return path
 
 

@@ -318,6 +318,7 @@ def stages(tmp_path_factory):
     ckpt.save(1, {"step": jnp.int32(1), "params": Model(cfg).init(jax.random.PRNGKey(0))},
               meta={"stage": "sft", "model": dataclasses.asdict(cfg), "tokenizer": str(d / "tokenizer.model")})
     ckpt.close()
+    (d / "sft" / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes())  # a run keeps its tokenizer inside it
     return d
 
 

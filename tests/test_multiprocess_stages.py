@@ -67,6 +67,7 @@ def world(tmp_path_factory):
     ckpt.save(1, {"params": Model(cfg).init(jax.random.PRNGKey(0))},
               meta={"stage": "sft", "model": dataclasses.asdict(cfg), "tokenizer": tok.path})
     ckpt.close()
+    (d / "init" / tok.path.rsplit("/", 1)[-1]).write_bytes(open(tok.path, "rb").read())  # a run keeps its tokenizer inside it
     return d, files, Tokenizer.load(tok.path), cfg
 
 

@@ -313,6 +313,8 @@ def stages(tmp_path_factory):
     ckpt.save(1, {"step": jnp.int32(1), "params": reward},
               meta={"stage": "reward", "reward_normalization": {"mean": 0.0, "std": 1.0}, **model_meta})
     ckpt.close()
+    for name in ("sft", "rm"):  # a run keeps its tokenizer inside it
+        (d / name / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes())
     return d
 
 

@@ -273,6 +273,7 @@ def _fake_sft_run(tmp_path, tok):
     import dataclasses
     ckpt.save(1, {"params": params}, meta={"stage": "sft", "model": dataclasses.asdict(cfg), "tokenizer": tok.path})
     ckpt.close()
+    (workdir / os.path.basename(tok.path)).write_bytes(open(tok.path, "rb").read())  # a run keeps its tokenizer inside it
     return workdir
 
 
