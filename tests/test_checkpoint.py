@@ -50,7 +50,8 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, capsys):
     assert step == 1 and meta == {"step": 1}
     np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 1.0))
     out = capsys.readouterr().out
-    assert f"{tmp_path}/2 is unreadable" in out
+    assert f"{tmp_path}/2 is damaged" in out and f"moved to {tmp_path}/2.damaged" in out
+    assert ckpt.all_steps() == [1] and os.path.isdir(tmp_path / "2.damaged")  # kept, out of the way
 
 
 def test_empty_directory_restores_nothing(tmp_path):

@@ -38,8 +38,14 @@ def read_hf_config(path: str) -> dict:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: no config.json")
-    with open(file) as f:
-        return json.load(f)
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def rope_parameters(hf: dict) -> dict:

@@ -175,6 +175,14 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
 # --- Reading safetensors -----------------------------------------------------------------------------
 
 
+def _opened(safe_open, path: str):
+    """safetensors' `safe_open(path, "np")`, its errors (a truncated or damaged header) naming the file."""
+    try:
+        return safe_open(path, "np")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 class SafetensorsDir:
     """The tensors of a HF model directory: one `model.safetensors`, or shards + index. Memory-mapped."""
 
@@ -184,8 +192,17 @@ class SafetensorsDir:
         self.directory = directory
         index_file = os.path.join(directory, "model.safetensors.index.json")
         if os.path.isfile(index_file):
-            with open(index_file) as f:
-                self.weight_map = dict(json.load(f)["weight_map"])
+            try:
+                with open(index_file) as f:
+                    self.weight_map = dict(json.load(f)["weight_map"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{index_file}: not a safetensors index ({type(e).__name__}: {e})") from None
+            root = os.path.realpath(directory)
+            for file in set(self.weight_map.values()):  # a shard must be a file of this directory
+                real = os.path.realpath(os.path.join(directory, str(file)))
+                if os.path.dirname(real) != root:
+                    raise ValueError(f"{index_file}: shard {file!r} is outside the model directory {directory}; "
+                                     "refusing it")
         else:
             files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
             if not files:
@@ -195,10 +212,10 @@ class SafetensorsDir:
                 raise FileNotFoundError(f"no safetensors weights in {directory}{hint}")
             self.weight_map = {}
             for file in files:
-                with safe_open(file, "np") as f:
+                with _opened(safe_open, file) as f:
                     self.weight_map.update({name: os.path.basename(file) for name in f.keys()})
         self._stack = contextlib.ExitStack()
-        self._open = lambda file: self._stack.enter_context(safe_open(os.path.join(directory, file), "np"))
+        self._open = lambda file: self._stack.enter_context(_opened(safe_open, os.path.join(directory, file)))
         self._handles: dict[str, Any] = {}
 
     def _handle(self, name: str):
@@ -218,7 +235,11 @@ class SafetensorsDir:
     def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
         """float32 copy of tensor `name`, or of its slice `index`; only those bytes are read."""
         handle = self._handle(name)
-        x = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        try:
+            x = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        except Exception as e:  # a truncated or damaged file: say which
+            raise ValueError(f"{os.path.join(self.directory, self.weight_map[name])}: cannot read tensor {name!r} "
+                             f"({type(e).__name__}: {e})") from None
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def close(self):
