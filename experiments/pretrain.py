@@ -103,7 +103,7 @@ def main(argv):
         progress_keys={"loss": "loss", "eval": "eval_loss"})
     if outcome.stopped:
         return
-    if cfg.train.samples:
+    if cfg.train.samples and outcome.start_step < steps:  # a rerun of a finished run has written them
         params = sharding.host_copy(outcome.state.params)  # Whole arrays, also when sharded across processes.
         if jax.process_index() == 0:
             print(write_samples(model, params, tokenizer, workdir, steps, cfg.train.samples))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
-from jaxlm import init_source, sampling
+from jaxlm import init_source, runtime, sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory (anything jaxlm.init_source.load_for_inference reads).")
@@ -57,6 +57,8 @@ def main(argv):
         read_prompts(FLAGS.prompts_file) if FLAGS.prompts_file else [])
     if not prompts:
         raise app.UsageError("give --prompt or --prompts_file")
+    if not FLAGS["verbosity"].present:  # orbax logs each array it restores at INFO
+        logging.set_verbosity(logging.WARNING)
     model, params, tokenizer = init_source.load_for_inference(FLAGS.checkpoint)
     rng = jax.random.key(FLAGS.seed)
     for start in range(0, len(prompts), FLAGS.batch_size):
@@ -71,4 +73,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("checkpoint")
-    app.run(main)
+    runtime.run(main)
