@@ -50,7 +50,7 @@ from absl import flags
 from experiments import common
 from jaxlm import cai, checkpoint, eval as eval_lib, init_source, loop, optim, runtime, sharding
 from jaxlm.data import chat, sft
-from jaxlm.data.sources import DataError, DocumentSource
+from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tinyworld import judge as tinyworld_judge, tasks as tinyworld_tasks
 from jaxlm.data.tinyworld.corpus import write_jsonl
 from jaxlm.hf import load_tokenizer
@@ -118,30 +118,7 @@ def evaluate(cfg, model, params, tokenizer, records: list[dict]) -> dict:
 def eval_records(cfg, files: dict) -> list[dict]:
     if not (files["eval"] and cfg.eval.enabled):
         return []
-    records = common.read_prompts(files["eval"])
-    if cfg.eval.families:
-        if not any("family" in r for r in records):  # a file without families: every prompt, not none
-            print(f"{files['eval']} has no 'family' field: evaluating all {len(records)} prompts "
-                  f"(--config.eval.families applies to files that have one)", flush=True)
-            return records
-        keep = set(cfg.eval.families.split(","))
-        found = sorted({str(r.get("family")) for r in records})
-        records = [r for r in records if r.get("family") in keep]
-        if not records:
-            raise DataError(f"no prompt of --config.eval.families={cfg.eval.families} (families here: "
-                            f"{', '.join(found)})", files["eval"])
-    return records
-
-
-def read_sft_records(path: str) -> list[dict]:
-    """SFT JSONL as experiments.sft reads it: {prompt, response} or {messages: [...]}; bad lines name file:line."""
-    def check(obj):
-        if isinstance(obj, dict) and (isinstance(obj.get("messages"), list) or
-                                      (isinstance(obj.get("prompt"), (str, list)) and "response" in obj)):
-            return obj
-        raise KeyError("expected 'prompt' and 'response', or 'messages' (a list)")
-    source = DocumentSource(path.split(","), parse=check)
-    return [source[i] for i in range(len(source))]
+    return cai.filter_families(common.read_prompts(files["eval"]), cfg.eval.families, files["eval"])
 
 
 # --- Phase sl: critique, revision, fine-tuning --------------------------------------------------------
@@ -179,12 +156,8 @@ def generate_revisions(cfg, model, params, tokenizer, files: dict, path: str) ->
 
 def make_training_mix(cfg, files: dict, revisions: list[dict], path: str) -> str:
     if not os.path.exists(path):
-        usable = [r for r in revisions if any(x["revised"] for x in r["rounds"])]
-        if not usable:  # an empty mix would be written, and reused by every rerun
-            raise DataError(f"none of the {len(revisions)} answers was revised: nothing to fine-tune on. Delete the "
-                            "file to generate again, e.g. with more --config.sl.num_prompts or "
-                            "--config.sl.max_new_tokens", os.path.join(os.path.dirname(path), "revisions.jsonl"))
-        mix = cai.mix_with_sft(usable, read_sft_records(files["sft"]) if cfg.mix.sft_share else [],
+        usable = cai.revised(revisions, os.path.join(os.path.dirname(path), "revisions.jsonl"))
+        mix = cai.mix_with_sft(usable, cai.read_sft_records(files["sft"]) if cfg.mix.sft_share else [],
                                cfg.mix.sft_share, cfg.mix.seed)
         write_jsonl(path, mix)
         print(f"Fine-tuning mix: {len(usable)} revisions + {len(mix) - len(usable)} SFT examples "

@@ -55,6 +55,7 @@ import numpy as np
 
 from jaxlm import logprobs
 from jaxlm.data import chat
+from jaxlm.data.sources import DataError, DocumentSource
 
 Messages = list[dict[str, str]]
 OPTIONS = ("(A)", "(B)")
@@ -189,6 +190,45 @@ def critique_and_revise(model, params, tokenizer, requests: Sequence[str], answe
             if ok:
                 rec["revision"] = text
     return records
+
+
+def revised(revisions: Sequence[dict], path: str) -> list[dict]:
+    """The records of `revisions` (read from `path`) revised in some round; none is a DataError
+    (an empty fine-tuning mix would be written, and reused by every rerun)."""
+    usable = [r for r in revisions if any(x["revised"] for x in r["rounds"])]
+    if not usable:
+        raise DataError(f"none of the {len(revisions)} answers was revised: nothing to fine-tune on. Delete the file "
+                        "to generate again, e.g. with more --config.sl.num_prompts or --config.sl.max_new_tokens", path)
+    return usable
+
+
+def read_sft_records(path: str) -> list[dict]:
+    """SFT JSONL as experiments.sft reads it, {prompt, response} or {messages: [...]}, for the mix;
+    a record of neither shape names file:line."""
+    def check(obj):
+        if isinstance(obj, dict) and (isinstance(obj.get("messages"), list) or
+                                      (isinstance(obj.get("prompt"), (str, list)) and "response" in obj)):
+            return obj
+        raise KeyError("expected 'prompt' and 'response', or 'messages' (a list)")
+    source = DocumentSource(path.split(","), parse=check)
+    return [source[i] for i in range(len(source))]
+
+
+def filter_families(records: list[dict], families: str, path: str) -> list[dict]:
+    """Eval prompts of the comma-separated `families` (empty: all). A file without a `family` field
+    keeps every prompt (with a note), not none; a filter that leaves none is a DataError."""
+    if not families:
+        return records
+    if not any("family" in r for r in records):
+        print(f"{path} has no 'family' field: evaluating all {len(records)} prompts (--config.eval.families "
+              "applies to files that have one)", flush=True)
+        return records
+    keep = set(families.split(","))
+    kept = [r for r in records if r.get("family") in keep]
+    if not kept:
+        found = sorted({str(r.get("family")) for r in records})
+        raise DataError(f"no prompt of --config.eval.families={families} (families here: {', '.join(found)})", path)
+    return kept
 
 
 def mix_with_sft(revisions: Sequence[dict], sft_records: Sequence[dict], sft_share: float, seed: int) -> list[dict]:
