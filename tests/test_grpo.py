@@ -6,13 +6,24 @@ known optima, reward programs (weights, errors naming the function and prompt), 
 bitwise resume after SIGKILL.
 """
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
+import optax
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm import losses, rl
+from jaxlm import checkpoint, init_source, losses, rewards, rl, sampling, sharding
+from jaxlm.model import Model, ModelConfig
+from jaxlm.steps import grpo, ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------------------------------------
 # Advantages
@@ -147,3 +158,198 @@ def test_k3_gradient_is_the_reverse_kl_gradient_in_expectation():
     forward = np.asarray(jax.grad(lambda z: jnp.sum(jax.nn.softmax(z) * (jax.nn.log_softmax(z) - log_ref)))(z))
     np.testing.assert_allclose(g, reverse, atol=1e-6)
     assert np.max(np.abs(g - forward)) > 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewards as programs
+# ------------------------------------------------------------------------------------------------
+
+
+def fails_on_plus(prompts, completions, records):
+    """A reward that raises on some prompts only (the error must name the first of them)."""
+    return [1.0 / ("plus" not in p) for p in prompts]
+
+
+def nan_on_second(prompts, completions, records):
+    return [0.0, float("nan")] + [0.0] * (len(prompts) - 2)
+
+
+def test_rewards_are_weighted_programs_and_failures_name_the_function_and_prompt():
+    specs = rewards.parse_rewards("jaxlm.rewards:tinyworld_verifier=1.0, jaxlm.rewards:think_format=0.5")
+    assert specs == [("jaxlm.rewards:tinyworld_verifier", 1.0), ("jaxlm.rewards:think_format", 0.5)]
+    reward_set = rewards.RewardSet.from_specs(specs)
+    p = "What is 3 plus 1 plus 5 plus 2?"
+    completions = ["<think>3 plus 1 is 4. 4 plus 5 is 9. 9 plus 2 is 11.</think> The answer is 11.",
+                   "The answer is 11.", "<think>3 plus 1 is 4.", "The answer is 20."]
+    total, parts = reward_set.score([p] * 4, completions, [{}] * 4)
+    np.testing.assert_allclose(parts["tinyworld_verifier"], [1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(parts["think_format"], [1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(total, [1.5, 1.0, 0.0, 0.0])
+    with pytest.raises(rewards.RewardError, match=r"test_grpo:fails_on_plus raised ZeroDivisionError.*"
+                                                  r"first failing prompt: 'What is 1 plus 2\?'"):
+        rewards.RewardSet.from_specs([("test_grpo:fails_on_plus", 1.0)]).score(
+            ["What is 1?", "What is 1 plus 2?"], ["a", "b"], [{}, {}])
+    with pytest.raises(rewards.RewardError, match=r"nan_on_second gave nan on prompt 'q2'"):
+        rewards.RewardSet.from_specs([("test_grpo:nan_on_second", 1.0)]).score(["q1", "q2", "q3"], ["a"] * 3, [{}] * 3)
+    for bad, match in (("jaxlm.rewards", "module:function"), ("no_such_module:f", "cannot import"),
+                       ("jaxlm.rewards:nothing", "no callable")):
+        with pytest.raises(ValueError, match=match):
+            rewards.load_reward(bad)
+
+
+def test_overlong_penalty_is_dapos_soft_ramp():
+    np.testing.assert_allclose(grpo.overlong_penalty(np.array([10, 40, 44, 48, 48]), np.array([1, 1, 1, 1, 0]), 48, 8),
+                               [0.0, 0.0, -0.5, -1.0, -1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# A one-token bandit with known optima, through the real sampler and update step
+# ------------------------------------------------------------------------------------------------
+
+TARGET, VOCAB = 2, 4
+
+
+def _bandit(beta: float, iterations: int, estimator: str):
+    """Policy: one response token after a one-token prompt; reward 1 for TARGET (exact match)."""
+    cfg_model = ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, max_seq_len=4,
+                            init_std=0.3)
+    model = Model(cfg_model)
+    models = ppo.lm_models(model, None, None)
+    cfg = grpo.GRPOConfig(group_size=8, estimator=estimator, beta=beta, max_new_tokens=1, clip_low=0.2,
+                          clip_high=0.2)
+    ref = jax.jit(model.init)(jax.random.PRNGKey(0))
+    tx = optax.adam(optax.linear_schedule(3e-2, 0.0, iterations))
+    state, _ = grpo.create_grpo_state(model, tx, sharding.make_mesh(), 0, ref)
+    update = jax.jit(grpo.make_update_step(models, cfg, tx), donate_argnums=0)
+    ref_fn = jax.jit(lambda ref, b: grpo.reference_log_probs(models, ref, b, 1.0))
+    prompts, lengths = np.ones((256, 1), np.int32), np.ones((256,), np.int32)
+    every = sampling.prompt_response_layout(np.ones((VOCAB, 1), np.int32), np.ones((VOCAB,), np.int32),
+                                            np.arange(VOCAB)[:, None], np.ones((VOCAB, 1)))
+    probs = jax.jit(lambda p: jnp.exp(ppo.rollout_log_probs(models, p, every, 1.0)[0][:, 0]))
+    mismatch = []
+    for _ in range(iterations):
+        sample_key, shuffle_key = grpo.iteration_keys(state)
+        out = sampling.generate(model, state.params, prompts, lengths, max_new_tokens=1, rng=sample_key, eos_id=None,
+                                pad_id=0)
+        batch = ppo.rollout_batch(prompts, lengths, out)
+        r = (out.tokens[:, 0] == TARGET).astype(jnp.float32)
+        data = {**batch, "old_logp": batch["sampled_logp"], "loss_mask": batch["response_mask"],
+                "advantages": rl.group_advantages(r, 8, estimator)}
+        if beta > 0:
+            data["ref_logp"] = ref_fn(ref, data)
+        state, metrics = grpo.train_on_rollout(update, state, data, epochs=1, minibatch_size=256, key=shuffle_key)
+        mismatch.append(metrics["logprob_mismatch"])
+    assert int(state.iteration) == iterations and max(mismatch) < 1e-5  # sampler = trainer on the first update
+    return np.asarray(probs(ref), np.float64), np.asarray(probs(state.params), np.float64)
+
+
+def test_bandit_reaches_reward_one_without_kl():
+    ref, pi = _bandit(beta=0.0, iterations=30, estimator="grpo")
+    assert ref[TARGET] < 0.5 and pi[TARGET] > 0.97
+
+
+def test_bandit_with_kl_reaches_the_reverse_kl_optimum():
+    """With RLOO's unbiased advantages and on-policy updates, the expected gradient is that of
+    E[r] − β·KL(π_ref ‖ π) (k3's, above); its maximiser is computed exactly and must be reached.
+    The KL(π ‖ π_ref) optimum π_ref·exp(r/β), which PPO's k1 penalty reaches, is a different
+    distribution here, and the run must land measurably closer to the reverse-KL one."""
+    beta = 0.5
+    ref, pi = _bandit(beta=beta, iterations=60, estimator="rloo")
+    r = (np.arange(VOCAB) == TARGET).astype(np.float64)
+    z = np.log(ref)
+    for _ in range(20000):  # Gradient ascent on the exact objective over logits (concave in π's logits here).
+        q = np.exp(z - z.max()); q /= q.sum()
+        grad = q * (r - q @ r) - beta * (q - ref)
+        z += 0.5 * grad
+    q = np.exp(z - z.max()); q /= q.sum()
+    gibbs = ref * np.exp(r / beta); gibbs /= gibbs.sum()
+    kl = lambda a, b: float(np.sum(a * np.log(a / b)))
+    assert kl(gibbs, q) > 0.02  # the two optima differ
+    assert kl(pi, q) < 0.01 and kl(pi, q) < kl(pi, gibbs) / 3, (pi, q, gibbs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The binary
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """TinyWorld files, a tokenizer with the think markers, and a random-init 'SFT' checkpoint."""
+    from jaxlm.data import tinyworld
+    from jaxlm.data.chat import REASONING_MARKERS
+    from jaxlm.data.tokenizer import train_tokenizer
+    d = tmp_path_factory.mktemp("stages")
+    tinyworld.make_all(str(d / "data"), seed=0, log=lambda _: None, corpus_train=300, corpus_valid=10, sft_train=10,
+                       sft_valid=10, eval_per_family=2, eval_reasoning=8, preferences_train=10, preferences_valid=10,
+                       rl_prompts=10, redteam_prompts=4, reasoning_prompts=40)
+    tok = train_tokenizer(str(d / "data" / "corpus_train.jsonl"), str(d / "tokenizer"), vocab_size=400,
+                          user_defined_symbols=REASONING_MARKERS)
+    cfg = ModelConfig(vocab_size=-(-tok.vocab_size // 128) * 128, num_layers=1, d_model=32, num_heads=2,
+                      num_kv_heads=1, max_seq_len=128)
+    params = Model(cfg).init(jax.random.PRNGKey(0))
+    ckpt = checkpoint.Checkpointer(str(d / "sft" / "checkpoints"))
+    ckpt.save(1, {"step": jnp.int32(1), "params": params},
+              meta={"stage": "sft", "model": dataclasses.asdict(cfg), "tokenizer": str(d / "tokenizer.model"),
+                    "config": {}})
+    ckpt.close()
+    (d / "sft" / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes())  # a run keeps its tokenizer
+    return d
+
+
+def _grpo_command(stages, workdir, *extra):
+    return [sys.executable, "-m", "experiments.grpo", f"--workdir={workdir}", f"--config.policy_from={stages / 'sft'}",
+            f"--config.data.dir={stages / 'data'}", "--config.rollout.prompts=4", "--config.rollout.group_size=4",
+            "--config.rollout.max_new_tokens=8", "--config.grpo.minibatch_size=8", "--config.train.iterations=4",
+            "--config.train.checkpoint_every=2", "--config.train.sample_every=2", "--config.eval.every=2",
+            "--config.eval.num_prompts=8", "--config.eval.batch_size=8", "--config.optim.warmup_steps=1",
+            "--config.optim.learning_rate=1e-3", "--config.rollout.overlong=penalty", *extra]
+
+
+def test_binary_runs_logs_and_resumes_bitwise_after_sigkill(stages, tmp_path):
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    run = lambda *args: subprocess.run(_grpo_command(stages, *args), cwd=ROOT, env=env, capture_output=True,
+                                       text=True, timeout=600)
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    crashed = run(tmp_path / "crashed", "--config.train.crash_after_step=3")
+    assert crashed.returncode == -9, crashed.stderr[-4000:]
+    resumed = run(tmp_path / "crashed")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resuming from step 2" in resumed.stdout
+    for item in ("params", "opt_state", "rng", "step", "iteration"):
+        a, _ = checkpoint.load_params(str(tmp_path / "straight"), item=item)
+        b, meta = checkpoint.load_params(str(tmp_path / "crashed"), item=item)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=item)
+    assert meta["stage"] == "grpo" and int(b) == 4
+    metrics = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+               for name in ("straight", "crashed")}
+    assert [m["step"] for m in metrics["straight"]] == [m["step"] for m in metrics["crashed"]] == [0, 1, 2, 3, 4]
+    for a, b in zip(*metrics.values()):
+        same = {k for k in a if not k.endswith("_seconds") and k != "completions_per_second"}
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    first = metrics["straight"][1]
+    for key in ("reward", "reward/tinyworld_verifier", "reward/think_format", "reward/overlong_penalty", "accuracy",
+                "pass_at_g", "groups_dropped", "completion_length", "think_share", "reasoning_words", "kl_k3",
+                "kl_k1", "clip_low", "clip_high", "entropy", "loss", "logprob_mismatch", "sampling_seconds",
+                "scoring_seconds", "update_seconds", "completions_per_second"):
+        assert key in first, key
+    # Iteration 1 samples the reference: KL 0 to rounding, the sampler's log-probs = the update's.
+    assert abs(first["kl_k1"]) < 1e-5 and first["logprob_mismatch"] < 1e-5
+    assert {"eval_accuracy", "eval_length", "eval_think_share"} <= set(metrics["straight"][0])
+    samples = [json.loads(l) for l in open(tmp_path / "straight" / "samples.jsonl")]
+    assert {s["step"] for s in samples} == {2, 4}
+    model, _, _ = init_source.load_for_inference(str(tmp_path / "straight"))
+    assert model.cfg.d_model == 32
+
+
+def test_binary_names_a_failing_reward(stages, tmp_path):
+    proc = subprocess.run(_grpo_command(stages, tmp_path / "bad", "--config.rewards=test_grpo:fails_on_plus",
+                                        "--config.eval.every=0", "--config.train.iterations=1"),
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "RewardError: reward test_grpo:fails_on_plus raised" in proc.stderr, proc.stderr[-3000:]
+    assert "first failing prompt: 'What is" in proc.stderr
