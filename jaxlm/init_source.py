@@ -38,7 +38,7 @@ from typing import Any
 
 import jax
 
-from jaxlm import checkpoint, hf, sharding
+from jaxlm import checkpoint, hf, lora, sharding
 from jaxlm.hf import HFTokenizer, load_tokenizer
 from jaxlm.model import Model, ModelConfig
 
@@ -111,7 +111,7 @@ def load_params(path: str, *, shardings: Any = None, item: str = "params", flag:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--config.{flag}={path}: no such directory")
         try:
-            return checkpoint.load_params(path, item=item, shardings=shardings)
+            return _run_params(path, None, item=item, shardings=shardings, flag=flag)
         except checkpoint.RunMismatch as e:
             raise checkpoint.RunMismatch(f"--config.{flag}={e}") from None
     if item != "params":
@@ -135,13 +135,37 @@ def load_for_inference(path: str, step: int | None = None) -> tuple[Model, Any, 
             raise ValueError(f"{path} is a Hugging Face directory: it has no checkpoint steps")
         params, meta = load_params(path)
     else:
-        params, meta = checkpoint.load_params(path, step)
+        params, meta = _run_params(path, step)
     if isinstance(params, dict) and "head" in params:
         raise ValueError(f"{path} is a {meta.get('stage', '?')} run, {checkpoint.model_kind(params)}: it scores "
                          "text and cannot generate; give a language-model run (pretrain, sft, dpo, ppo, cai)")
     model = Model(ModelConfig(**meta["model"]))
     tokenizer = load_tokenizer(meta["tokenizer"])
     return model, params, tokenizer
+
+
+def _run_params(path: str, step: int | None, *, item: str = "params", shardings: Any = None,
+                flag: str = "init_from") -> tuple[Any, dict]:
+    """A jaxlm run's `item`; a LoRA run's (meta `lora`: its adapters and the base they adapt) merged
+    onto that base, so every reader gets whole weights ({"trunk", "head"} for a reward run)."""
+    directory = checkpoint.checkpoint_dir(path)
+    if step is None:
+        found = checkpoint.newest_meta(directory)
+        peek = found[1] if found else {}
+    else:
+        source = checkpoint.Checkpointer(directory, async_save=False, create=False)
+        peek = source.restore_meta(step)
+        source.close()
+    if "lora" not in peek or item != "params":
+        return checkpoint.load_params(path, step, item=item, shardings=shardings)
+    adapters, meta = checkpoint.load_params(path, step, item=item)  # small: on the first device
+    lcfg = lora.config_of_meta(meta["lora"])
+    scored = "trunk" in adapters  # a reward model: {"trunk": adapters, "head"}
+    trunk_sh = shardings["trunk"] if scored and shardings is not None else shardings
+    base, _ = load_params(meta["lora"]["base"], shardings=trunk_sh, flag=f"{flag} (its lora.base)")
+    merged = jax.jit(lambda b, a: lora.merge(b, a, lcfg), out_shardings=trunk_sh)(
+        base, adapters["trunk"] if scored else adapters)
+    return ({**adapters, "trunk": merged} if scored else merged), meta
 
 
 def fingerprint(path: str) -> dict:
