@@ -2,9 +2,10 @@ r"""The main job: the whole life of a language model in one command, with a repo
 
     python -m experiments.pipeline --workdir=DIR [--config=experiments/configs/pipeline_tiny.py]
 
-make TinyWorld data → train the tokenizer → pretrain → SFT → sample pairs from the SFT model and
-label them with the gold judge → reward model → PPO → DPO → Constitutional AI (supervised phase)
-→ evaluate every model on the same held-out prompts → DIR/report.md (+ report.html, plots/).
+make TinyWorld data → train the tokenizer → pretrain → SFT → GRPO on the reasoning family (the
+verifier's reward) → sample pairs from the SFT model and label them with the gold judge → reward
+model → PPO → DPO → Constitutional AI (supervised phase) → evaluate every model on the same
+held-out prompts → DIR/report.md (+ report.html, plots/).
 
 Each training stage is its own binary, run as a subprocess in DIR/<stage>/ with its own config
 file (so each can be rerun, inspected and scaled alone); a finished stage leaves DIR/<stage>/DONE.
@@ -191,6 +192,11 @@ class Pipeline:
         self.binary("experiments.ppo", self.path("ppo"), self.cfg.ppo.config, f"--config.policy_from={self.path('sft')}",
                     f"--config.reward_from={self.path('reward')}", f"--config.data.dir={self.data_dir}",
                     extra=self.cfg.ppo.flags)
+
+    def stage_grpo(self):
+        """GRPO from the SFT model on TinyWorld's reasoning prompts, rewarded by the verifier."""
+        self.binary("experiments.grpo", self.path("grpo"), self.cfg.grpo.config, f"--config.policy_from={self.path('sft')}",
+                    f"--config.data.dir={self.data_dir}", extra=self.cfg.grpo.flags)
 
     def stage_dpo(self):
         """DPO from the SFT model on `dpo.pairs`: 'preferences' (the reward model's pairs) or

@@ -6,7 +6,8 @@ red-team prompts with each (`jaxlm.eval.evaluate_policy`: greedy answers, and `n
 answers at temperature 1 per eval prompt for the sampled gold score and the KL to SFT), and writes:
 
     report.md / report.html   the table, the plots, examples side by side, wall time per stage
-    plots/*.png                loss curves, PPO reward and gold score against KL, DPO margins
+    plots/*.png                loss curves, PPO reward and gold score against KL, DPO margins, GRPO
+                               accuracy and completion length against iterations
     evaluation.json            every answer with its scores, for auditing
 
 Plotting reads only metrics.jsonl files, so it works on any run directory.
@@ -25,11 +26,12 @@ import numpy as np
 
 from experiments import comparison
 from jaxlm import checkpoint, eval as eval_lib, init_source
+from jaxlm.data import chat
 from jaxlm.data.tinyworld import judge, tasks, world as W
 from jaxlm.model import ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 
-MODELS = (("base", "pretrain"), ("SFT", "sft"), ("PPO", "ppo"), ("DPO", "dpo"), ("CAI", "cai"))
+MODELS = (("base", "pretrain"), ("SFT", "sft"), ("PPO", "ppo"), ("DPO", "dpo"), ("CAI", "cai"), ("GRPO", "grpo"))
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -175,6 +177,21 @@ def make_plots(pipeline_dir: str, out_dir: str) -> list[tuple[str, str]]:
         by_kl.legend(fontsize=7)
         by_kl.grid(alpha=0.3)
         save(fig, "ppo_reward_vs_kl.png", "PPO: proxy reward and gold score against KL to SFT")
+
+    grpo = _read_jsonl(os.path.join(pipeline_dir, "grpo", "metrics.jsonl"))
+    if any("accuracy" in r or "eval_accuracy" in r for r in grpo):
+        fig, (acc, length) = plt.subplots(1, 2, figsize=(10, 3.4))
+        _plot_series(acc, grpo, "accuracy", "sampled (training prompts)")
+        _plot_series(acc, grpo, "eval_accuracy", "greedy (held-out)")
+        _plot_series(acc, grpo, "think_share", "sampled answers that think")
+        _plot_series(length, grpo, "completion_length", "sampled (training prompts)")
+        _plot_series(length, grpo, "eval_length", "greedy (held-out)")
+        for ax, title in ((acc, "GRPO: accuracy on the reasoning family"), (length, "GRPO: completion length (tokens)")):
+            ax.set_xlabel("iteration")
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        save(fig, "grpo_accuracy_length.png", "GRPO: accuracy and completion length against iterations")
 
     dpo = _read_jsonl(os.path.join(pipeline_dir, "dpo", "metrics.jsonl"))
     if dpo:
@@ -356,6 +373,45 @@ def examples(results: dict[str, dict], n: int) -> str:
     return "\n".join(out)
 
 
+def _accuracy(record: dict) -> float:
+    """1.0 when the judge's `correct` part is full marks (the verifier's accuracy)."""
+    return float(record.get("parts", {}).get("correct", 0.0) >= 1.0)
+
+
+def _thinks(record: dict) -> float:
+    return float(chat.split_reasoning(record["response"]).has_block)
+
+
+def reasoning_section(results: dict[str, dict], n_examples: int, family: str = "reasoning") -> str:
+    """The reasoning family, GRPO against SFT: greedy accuracy (the verifier's), answer length
+    and think share per model; GRPO − SFT paired on the same prompts (accuracy on the family, gold
+    on every other family); and SFT's and GRPO's greedy answers side by side."""
+    if "SFT" not in results or not any(r["family"] == family for r in results["SFT"]["records"]):
+        return ""
+    idx = [i for i, r in enumerate(results["SFT"]["records"]) if r["family"] == family]
+    lines = [f"{len(idx)} held-out {family} prompts, greedy answers; accuracy: the verifier's "
+             "(the judge's *correct* part is 1: the right sum after any think block).", "",
+             "| model | accuracy | answer tokens | answers that think |", "|---|---|---|---|"]
+    for name, r in results.items():
+        recs = [r["records"][i] for i in idx]
+        lines.append(f"| {name} | {np.mean([_accuracy(x) for x in recs]):.3f} | "
+                     f"{np.mean([x['length'] for x in recs]):.1f} | {np.mean([_thinks(x) for x in recs]):.2f} |")
+    if "GRPO" in results:
+        grpo, sft = results["GRPO"]["records"], results["SFT"]["records"]
+        acc = paired_difference([{"a": _accuracy(grpo[i])} for i in idx], [{"a": _accuracy(sft[i])} for i in idx], "a")
+        others = [i for i, r in enumerate(sft) if r["family"] != family]
+        gold = paired_difference([grpo[i] for i in others], [sft[i] for i in others], "gold")
+        lines += ["", "| GRPO − SFT (paired) | mean ± s.e. |", "|---|---|",
+                  f"| accuracy on {family} (greedy) | {_difference_claim(acc)[1]} |",
+                  f"| gold (greedy) on the {len(others)} prompts of the other families | {_difference_claim(gold)[1]} |"]
+        lines += ["", "| prompt | SFT | GRPO |", "|---|---|---|"]
+        for i in idx[:n_examples]:
+            cells = [f"{x['response']} ({'✓' if _accuracy(x) else '✗'})".replace("|", "\\|").replace("\n", " ")
+                     for x in (sft[i], grpo[i])]
+            lines.append(f"| {sft[i]['prompt']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str, float], plots, n_examples: int,
                  data_summary: dict | None = None) -> str:
     num_samples = next((r["summary"].get("samples_per_prompt") for r in results.values()), None)
@@ -401,6 +457,9 @@ def write_report(pipeline_dir: str, results: dict[str, dict], timings: dict[str,
         parts += [f"PPO's KL to SFT: {held_out}{np.mean([r['kl_k1'] for r in tail]):.3f} nats averaged over the "
                   f"last {len(tail)} training batches ({target}; final β {_fmt(tail[-1].get('beta'), 4)}); proxy "
                   f"reward over those batches {_fmt(np.mean([r.get('score', np.nan) for r in tail]))}.", ""]
+    reasoning = reasoning_section(results, n_examples)
+    if reasoning:
+        parts += ["## Reasoning: GRPO from a verifier", "", reasoning, ""]
     for title, path in plots:
         parts += [f"## {title}", "", f"![{title}]({path})", ""]
     parts += ["## Answers side by side", "", examples(results, n_examples), ""]

@@ -353,3 +353,26 @@ def test_binary_names_a_failing_reward(stages, tmp_path):
     assert proc.returncode != 0
     assert "RewardError: reward test_grpo:fails_on_plus raised" in proc.stderr, proc.stderr[-3000:]
     assert "first failing prompt: 'What is" in proc.stderr
+
+
+def test_report_reasoning_section_pairs_grpo_with_sft():
+    from experiments import report
+    prompts = ["What is 1 plus 1 plus 1 plus 1?", "What is 2 plus 1 plus 1 plus 1?", "What is 1 plus 2?",
+               "What is 3 plus 1 plus 1 plus 1?"]
+    fam = ["reasoning", "reasoning", "arithmetic", "reasoning"]
+
+    def records(responses, correct, golds):
+        return [{"prompt": p, "family": f, "response": r, "parts": {"correct": c}, "gold": g, "length": len(r.split())}
+                for p, f, r, c, g in zip(prompts, fam, responses, correct, golds)]
+
+    results = {"SFT": {"records": records(["The answer is 3.", "The answer is 5.", "1 plus 2 is 3.", "x"],
+                                          [0.0, 1.0, 1.0, 0.25], [0.0, 1.0, 1.0, 0.2])},
+               "GRPO": {"records": records(["<think>a</think> The answer is 4.", "<think>b</think> The answer is 5.",
+                                            "1 plus 2 is 3.", "<think>c</think> The answer is 6."],
+                                           [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.9, 1.0])}}
+    text = report.reasoning_section(results, n_examples=2)
+    # Accuracy 1/3 → 3/3: differences (1, 0, 1), mean 0.667, s.e. sqrt(1/3)/sqrt(3) = 0.333.
+    assert "| SFT | 0.333 |" in text and "| GRPO | 1.000 |" in text and "| 1.00 |" in text
+    assert "| accuracy on reasoning (greedy) | +0.667 ± 0.333 (+2.0 s.e.) |" in text
+    assert "| gold (greedy) on the 1 prompts of the other families | not measured |" in text  # one pair: no s.e.
+    assert "| What is 1 plus 1 plus 1 plus 1? | The answer is 3. (✗) | <think>a</think> The answer is 4. (✓) |" in text

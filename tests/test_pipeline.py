@@ -10,8 +10,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["data", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo", "dpo", "cai", "evaluate"]
-MODELS = ["base", "SFT", "PPO", "DPO", "CAI"]
+STAGES = ["data", "tokenizer", "pretrain", "sft", "grpo", "preferences", "reward", "ppo", "dpo", "cai", "evaluate"]
+MODELS = ["base", "SFT", "PPO", "DPO", "CAI", "GRPO"]
 
 
 def _pipeline(workdir):
@@ -52,7 +52,7 @@ def test_every_stage_finishes_and_the_report_has_a_row_per_model(run):
     report = open(workdir / "report.md").read()
     table = [line for line in report.splitlines() if line.startswith("| ") and "|---" not in line]
     assert table[0].startswith("| model | gold (greedy) | gold (sampled) |")
-    assert [row.split("|")[1].strip() for row in table[1:6]] == MODELS
+    assert [row.split("|")[1].strip() for row in table[1:1 + len(MODELS)]] == MODELS
     assert "| model − SFT | gold (greedy) | gold (sampled) |" in report
     checks = report.split("## Checks")[1].split("##")[0]
     for claim in ("base < SFT (gold, greedy)", "PPO > SFT (gold, sampled", "DPO > SFT (gold, greedy",
@@ -65,7 +65,7 @@ def test_every_stage_finishes_and_the_report_has_a_row_per_model(run):
         assert f"| **{row}** |" in compared, row
     for column in ("Pre-training", "Fine-tuning (SFT)", "Reward model", "RLHF with PPO", "DPO", "Constitutional AI"):
         assert column in next(line for line in compared.splitlines() if line.startswith("| |")), column
-    for plot in ("losses.png", "ppo_reward_vs_kl.png", "dpo_margins.png"):
+    for plot in ("losses.png", "ppo_reward_vs_kl.png", "dpo_margins.png", "grpo_accuracy_length.png"):
         assert (workdir / "plots" / plot).stat().st_size > 1000, plot
         assert f"plots/{plot}" in report
     assert "## Wall time per stage" in report and "| **total** |" in report

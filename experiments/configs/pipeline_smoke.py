@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = pipeline_tiny.get_config()
     c.data = ml_collections.ConfigDict(dict(corpus_train=300, corpus_valid=20, sft_train=120, sft_valid=16,
                                             eval_per_family=2, preferences_train=40, preferences_valid=16,
-                                            rl_prompts=64, redteam_prompts=16))
+                                            rl_prompts=64, redteam_prompts=16, reasoning_prompts=32))
     c.tokenizer_vocab_size = 512
     c.pretrain.flags = (f"{_MODEL} --config.train.steps=150 --config.train.samples=0 --config.data.batch_size=8 "
                         "--config.data.seq_len=128 --config.train.eval_every=150 --config.train.eval_batches=1 "
@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
                    "--config.ppo.epochs=1 --config.train.iterations=3 --config.train.checkpoint_every=3 "
                    "--config.train.sample_every=3 --config.eval.every=3 --config.eval.num_prompts=8 "
                    "--config.policy_optim.warmup_steps=1 --config.critic_optim.warmup_steps=1")
+    c.grpo.flags = ("--config.rollout.prompts=4 --config.rollout.group_size=4 --config.rollout.max_new_tokens=8 "
+                    "--config.grpo.minibatch_size=8 --config.train.iterations=2 --config.train.checkpoint_every=2 "
+                    "--config.train.sample_every=2 --config.eval.every=2 --config.eval.num_prompts=8 "
+                    "--config.eval.batch_size=8 --config.optim.warmup_steps=1")
     c.dpo.flags = ("--config.data.batch_size=4 --config.data.seq_len=128 --config.data.too_long=skip "
                    "--config.train.steps=4 --config.train.checkpoint_every=4 --config.train.log_every=2 "
                    "--config.eval.every=0 --config.eval.num_prompts=8 --config.eval.batch_size=8 "

@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     # CPU only: each stage's subprocess sees the host as this many JAX devices and splits every batch
     # over them (one per core: ~9% faster pretraining on 2 cores than one 2-thread device). 0 or 1: one device.
     c.cpu_devices = 2
-    c.stages = "data,tokenizer,pretrain,sft,preferences,reward,ppo,dpo,cai,evaluate"  # Run in this order.
+    c.stages = "data,tokenizer,pretrain,sft,grpo,preferences,reward,ppo,dpo,cai,evaluate"  # Run in this order.
     # TinyWorld sizes (jaxlm.data.tinyworld.make_all keyword arguments).
     c.data = ml_collections.ConfigDict(dict(corpus_train=20_000, corpus_valid=400, sft_train=6000, sft_valid=300,
                                             eval_per_family=24, preferences_train=2000, preferences_valid=300,
@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer_vocab_size = 1024
     c.pretrain = _stage("experiments/configs/pretrain_tiny.py", "--config.train.steps=420 --config.train.samples=0")
     c.sft = _stage("experiments/configs/sft_tiny.py", "")
+    # GRPO on the reasoning family from the SFT model: 8 prompts × 8 completions per iteration, the verifier's reward.
+    c.grpo = _stage("experiments/configs/grpo_tiny.py", "--config.train.iterations=40 --config.eval.every=20")
     # Preference pairs: sampled from the SFT model and labelled by the gold judge with Bradley-Terry
     # noise ('sft_samples'), TinyWorld's ready-made pairs ('tinyworld'), or both for training with the
     # sampled ones held out ('sft_samples+tinyworld'). flags: more tools.make_preferences flags.
