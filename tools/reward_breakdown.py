@@ -21,7 +21,9 @@ import math
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from jaxlm import runtime
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model workdir (experiments.reward).", required=True)
 _PAIRS = flags.DEFINE_string("pairs", None, "Preference JSONL {prompt, chosen, rejected[, family, label, "
@@ -92,6 +94,9 @@ def main(argv):
     from jaxlm.reward_model import ScalarHeadModel
 
     params, meta = checkpoint.load_params(_CHECKPOINT.value)
+    if "head" not in params:
+        raise ValueError(f"--checkpoint={_CHECKPOINT.value} is a {meta.get('stage', '?')} run, "
+                         f"{checkpoint.model_kind(params)}; this needs a reward model (a reward run)")
     rm, tokenizer = ScalarHeadModel(ModelConfig(**meta["model"])), load_tokenizer(meta["tokenizer"])
     with open(_PAIRS.value) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -105,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)
