@@ -1,0 +1,103 @@
+r"""Speed of one GRPO step: completions/s and the split between sampling, scoring and update.
+
+    python -m tools.bench_grpo                       # cpu_small: 4 layers × 256, vocab 4096
+    python -m tools.bench_grpo --prompts=8 --group_size=8 --prompt_len=32 --new_tokens=32 --beta=0.04
+
+The step is the one experiments/grpo.py runs, with its pieces: `sampling.generate` of every
+prompt repeated G times in one call (random prompts, temperature 1, no EOS: every completion is
+`--new_tokens` long, as a random model's are in TRL's benchmark), a cheap reward on the host
+(the share of even token ids, like ../shared/peers/trl_grpo_bench.py's), group advantages, the
+reference's log-probs when β > 0 (`grpo.reference_log_probs`), and one AdamW step on all P·G
+completions (`grpo.make_update_step`, the old log-probs being the sampler's). The model matches
+the peer's Llama: 4 heads and 4 KV heads, MLP 680, untied head.
+
+Reported: the median over `--repeats` steps after `--warmup` (compilation) of the step's wall time,
+completions/s and the seconds of sampling / scoring (reward + reference + advantages) / update.
+On a shared machine run it A B A B beside the peer (same shape) and compare medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from jaxlm import rl, sampling, sharding
+from jaxlm.model import Model, ModelConfig
+from jaxlm.steps import grpo, ppo
+
+_LAYERS = flags.DEFINE_integer("layers", 4, "Transformer layers.")
+_DIM = flags.DEFINE_integer("dim", 256, "Model width.")
+_HEADS = flags.DEFINE_integer("heads", 4, "Attention heads (as many KV heads).")
+_VOCAB = flags.DEFINE_integer("vocab", 4096, "Vocabulary size.")
+_PROMPTS = flags.DEFINE_integer("prompts", 8, "Prompts per step.")
+_GROUP = flags.DEFINE_integer("group_size", 8, "Completions per prompt.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
+_NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per completion.")
+_BETA = flags.DEFINE_float("beta", 0.04, "k3 weight (0: no reference forward pass).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation).")
+_REPEATS = flags.DEFINE_integer("repeats", 6, "Timed steps (the median is reported).")
+
+
+def main(argv):
+    del argv
+    P, G, N = _PROMPTS.value, _GROUP.value, _NEW.value
+    cfg = ModelConfig(vocab_size=_VOCAB.value, num_layers=_LAYERS.value, d_model=_DIM.value, num_heads=_HEADS.value,
+                      num_kv_heads=_HEADS.value, mlp_dim=int(_DIM.value * 8 / 3) // 8 * 8, tie_embeddings=False,
+                      max_seq_len=max(128, _PROMPT_LEN.value + N), scan_unroll=4)
+    model = Model(cfg)
+    models = ppo.lm_models(model, None, None)
+    gcfg = grpo.GRPOConfig(group_size=G, beta=_BETA.value, max_new_tokens=N)
+    tx = optax.adamw(1e-5)
+    mesh = sharding.make_mesh()
+    ref = jax.jit(model.init)(jax.random.PRNGKey(0))
+    state, state_sh = grpo.create_grpo_state(model, tx, mesh, 0, ref)
+    update = jax.jit(grpo.make_update_step(models, gcfg, tx), donate_argnums=0)
+    ref_fn = jax.jit(lambda r, b: grpo.reference_log_probs(models, r, b, 1.0))
+    advantages = jax.jit(lambda r: rl.group_advantages(r, G, gcfg.estimator))
+    rng = np.random.default_rng(0)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}: {cfg.num_params() / 1e6:.2f}M parameters, "
+          f"{P} prompts × {G} completions, {_PROMPT_LEN.value} + {N} tokens, β={gcfg.beta}", flush=True)
+
+    def step(state):
+        t0 = time.perf_counter()
+        prompts = np.repeat(rng.integers(4, cfg.vocab_size, (P, _PROMPT_LEN.value), dtype=np.int32), G, axis=0)
+        lengths = np.full((P * G,), _PROMPT_LEN.value, np.int32)
+        sample_key, shuffle_key = grpo.iteration_keys(state)
+        out = sampling.generate(model, state.params, prompts, lengths, max_new_tokens=N, rng=sample_key,
+                                eos_id=None, pad_id=0)
+        batch = ppo.rollout_batch(prompts, lengths, out)
+        jax.block_until_ready(batch)
+        t1 = time.perf_counter()
+        tokens = np.asarray(out.tokens)
+        reward = np.mean(tokens % 2 == 0, axis=-1).astype(np.float32)  # the peer's cheap reward, on ids
+        data = {**batch, "old_logp": batch["sampled_logp"], "loss_mask": batch["response_mask"],
+                "advantages": advantages(jnp.asarray(reward))}
+        if gcfg.beta > 0:
+            data["ref_logp"] = ref_fn(ref, data)
+        jax.block_until_ready(data)
+        t2 = time.perf_counter()
+        state, _ = grpo.train_on_rollout(update, state, data, epochs=1, minibatch_size=P * G, key=shuffle_key)
+        jax.block_until_ready(state)
+        t3 = time.perf_counter()
+        return state, (t3 - t0, t1 - t0, t2 - t1, t3 - t2)
+
+    for _ in range(_WARMUP.value):
+        state, _ = step(state)
+    times = []
+    for _ in range(_REPEATS.value):
+        state, t = step(state)
+        times.append(t)
+    total, sample_s, score_s, update_s = (statistics.median(x) for x in zip(*times))
+    print(f"GRPO step: {total * 1e3:.0f} ms median of {len(times)} ({min(t[0] for t in times) * 1e3:.0f}–"
+          f"{max(t[0] for t in times) * 1e3:.0f}), {P * G / total:.1f} completions/s; sampling {sample_s * 1e3:.0f} ms, "
+          f"scoring {score_s * 1e3:.0f} ms, update {update_s * 1e3:.0f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
