@@ -56,7 +56,12 @@ _PIPELINE_DIR = flags.DEFINE_string("pipeline_dir", None, "A finished pipeline r
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_RUN = os.path.join(ROOT, "experiments", "configs", "from_run.py")
 NEEDED_STAGES = ("data", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo", "dpo")
-STUDIES = ("kl", "clip", "dpo", "facts", "scale", "reward")
+# The pipeline stages each study starts from (finished: DONE), so a study can run before the rest.
+STUDY_NEEDS = {"kl": ("data", "sft", "reward", "ppo"), "clip": ("data", "sft", "reward", "ppo"),
+               "dpo": ("data", "preferences", "sft", "reward", "ppo", "dpo"),
+               "facts": ("data", "tokenizer", "pretrain", "sft"), "scale": ("data", "tokenizer", "pretrain"),
+               "reward": ("data", "tokenizer", "pretrain", "preferences", "reward")}
+STUDIES = tuple(STUDY_NEEDS)
 RULE = "shown at ≥ 2 s.e., not shown between 0 and 2, contradicted below 0"
 WORDS = {"pass": "shown", "not shown": "not shown", "fail": "contradicted", "not measured": "not measured"}
 
@@ -456,6 +461,7 @@ class Section:
 class Studies:
     def __init__(self, cfg, workdir: str, pipeline_dir: str | None):
         self.cfg, self.dir = cfg, os.path.abspath(workdir)
+        self.pipeline_given = bool(pipeline_dir)
         self.pipeline_dir = os.path.abspath(pipeline_dir) if pipeline_dir else self.path("pipeline")
         self.order = [s.strip() for s in cfg.studies.split(",") if s.strip()]
         unknown = [s for s in self.order if s not in STUDIES]
@@ -487,17 +493,19 @@ class Studies:
                                "resume it")
 
     def ensure_pipeline(self):
-        if not os.path.exists(self.pipeline_dir) and _PIPELINE_DIR.value:
+        if self.pipeline_given and not os.path.isdir(self.pipeline_dir):
             raise app.UsageError(f"--pipeline_dir={self.pipeline_dir}: no such directory")
-        if not _PIPELINE_DIR.value:
+        if not self.pipeline_given:
             stages = ",".join(NEEDED_STAGES)
             self._call([sys.executable, "-m", "experiments.pipeline", f"--workdir={self.pipeline_dir}",
                         f"--config={os.path.join(ROOT, self.cfg.pipeline.config)}", f"--config.stages={stages}",
                         *shlex.split(self.cfg.pipeline.flags)], "the pipeline")
-        missing = [s for s in NEEDED_STAGES if not os.path.exists(self.pipe(s, "DONE"))]
+
+    def check_stages(self, study: str):
+        missing = [s for s in STUDY_NEEDS[study] if not os.path.exists(self.pipe(s, "DONE"))]
         if missing:
-            raise app.UsageError(f"--pipeline_dir={self.pipeline_dir}: stage(s) {missing} not finished (no DONE); "
-                                 "finish them with experiments.pipeline first")
+            raise RuntimeError(f"study {study} starts from the pipeline's stage(s) {missing}, not finished in "
+                               f"{self.pipeline_dir} (no DONE); finish them with experiments.pipeline, then rerun")
 
     def run(self, name: str, stage: str, *run_flags: str, extra: str = "") -> str:
         """DIR/runs/<name>/<stage>: the pipeline's `stage` run again with `run_flags`; skipped when DONE."""
@@ -734,7 +742,7 @@ class Studies:
     def study_scale(self) -> Section:
         from jaxlm.data.tinyworld import probes, world as W
         seed = read_json(self.pipe("data", "summary.json")).get("seed", 0)
-        items = probes.context_cloze_items(W.World.generate(seed), self.cfg.scale.items, seed)
+        items = probes.context_cloze_items(W.World.generate(seed), self.cfg.scale.num_items, seed)
         points = {}
         for r in self.pretrain_runs():
             label = r["label"]
@@ -804,6 +812,12 @@ class Studies:
                 continue
             print(f"\n{'=' * 80}\n{header}\n{'=' * 80}", flush=True)
             t0 = time.perf_counter()
+            try:
+                self.check_stages(study)
+            except RuntimeError as e:
+                print(f"{header}: not started: {e}", flush=True)
+                failed.append(study)
+                continue
             try:
                 section = getattr(self, f"study_{study}")()
             except Exception:  # noqa: BLE001  One study's failure must not cost the others' results.

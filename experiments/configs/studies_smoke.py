@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.facts.sft_flags = _SHORT.format(4) + " --config.train.samples=0"
     c.scale.sizes = {"pipeline": ""}
     c.scale.steps = "20,pipeline"
-    c.scale.items = 16
+    c.scale.num_items = 16
     c.reward.inits = "pipeline:20;pipeline:pipeline"
     c.reward.flags = "--config.train.steps=2 --config.train.eval_every=2 --config.train.checkpoint_every=2"
     return c

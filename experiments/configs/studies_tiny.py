@@ -42,8 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
     # demonstrations + fact questions, each repeated `repeats` times.
     c.facts = ml_collections.ConfigDict(dict(repeats=4, pretrain_flags="", sft_flags=""))
     # scale: every size × every pre-training budget (steps; "pipeline" = the pipeline's); the pipeline's own
-    # size at its own steps is the pipeline's run. items: in-context cloze items.
-    c.scale = ml_collections.ConfigDict(dict(sizes=_SIZES, steps="105,pipeline", items=400, flags=""))
+    # size at its own steps is the pipeline's run. num_items: in-context cloze items.
+    c.scale = ml_collections.ConfigDict(dict(sizes=_SIZES, steps="105,pipeline", num_items=400, flags=""))
     # reward: a reward model (the pipeline's reward config, normalised on the pairs) from each of these
     # scale runs ("size:steps"), scored on the pipeline's held-out pairs.
     c.reward = ml_collections.ConfigDict(dict(inits="small:pipeline;pipeline:105;pipeline:pipeline", flags=""))
