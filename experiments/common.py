@@ -7,6 +7,7 @@ each helper takes the stage's config (the blocks of `experiments/configs/common.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,14 +17,14 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from jaxlm import checkpoint, init_source, loop, runtime, sharding
+from jaxlm import checkpoint, init_source, lora, loop, runtime, sharding
 from jaxlm.data import packing
 from jaxlm.data.sources import DataError, DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
 from jaxlm.hf import load_tokenizer
-from jaxlm.model import ModelConfig
+from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
-from jaxlm.train_state import TrainState, train_state_from_params
+from jaxlm.train_state import TrainState, state_shardings, train_state_from_params
 
 
 def tinyworld_dir(cfg, workdir: str, *, marker: str = "summary.json") -> str:
@@ -201,15 +202,21 @@ def read_json(path: str) -> dict:
 # --- Steps ------------------------------------------------------------------------------------------
 
 
-def lm_steps(cfg, model, optimizer, schedule, mesh, state_sh: TrainState):
+def lm_steps(cfg, model, optimizer, schedule, mesh, state_sh: TrainState, tuning: "Finetuning | None" = None):
     """Pretraining's and SFT's jitted next-token step, and their held-out loss:
     `held_out(params, batches) -> {eval_loss, eval_perplexity, eval_tokens}` over at most
-    `cfg.train.eval_batches` batches (0 = all), agreed across processes (`loop.sum_batches`)."""
+    `cfg.train.eval_batches` batches (0 = all), agreed across processes (`loop.sum_batches`).
+    With `tuning` (SFT) the steps train what it says (the model, or LoRA adapters on its base)."""
     batch_sh = sharding.batch_sharding(mesh)
+    make_step = lambda m: lm.make_train_step(m, optimizer, schedule, grad_accum=cfg.train.grad_accum)
     with sharding.use_rules(mesh):
-        train_step = jax.jit(lm.make_train_step(model, optimizer, schedule, grad_accum=cfg.train.grad_accum),
-                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-        eval_step = jax.jit(lm.make_eval_step(model), in_shardings=(state_sh.params, batch_sh))
+        if tuning is None:
+            train_step = jax.jit(make_step(model), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                                 donate_argnums=0)
+            eval_step = jax.jit(lm.make_eval_step(model), in_shardings=(state_sh.params, batch_sh))
+        else:
+            train_step = tuning.jit_step(make_step, state_sh, batch_sh)
+            eval_step = tuning.jit_eval(lm.make_eval_step, state_sh.params, batch_sh)
     empty_shape = (local_batch_size(cfg), cfg.data.seq_len)
 
     def held_out(params, batches) -> dict[str, float]:
@@ -226,3 +233,87 @@ def lm_steps(cfg, model, optimizer, schedule, mesh, state_sh: TrainState):
 def placer(mesh):
     """`place(batch)` for the loop: this process's rows into the global batch over `mesh`."""
     return lambda batch: sharding.global_batch(batch, mesh)
+
+
+# --- What a stage trains: the whole model, or LoRA adapters on a frozen base ----------------------
+
+
+class Finetuning:
+    """The trainable side of a post-training stage, from its `lora` config block (jaxlm.lora).
+
+    Full fine-tuning (`lora.rank` 0): `trainable` is the model and the base is None. LoRA:
+    `trainable` is `lora.Adapted` (the train state holds the adapters only; the reward model's
+    adds its head through `head`), and the frozen base, loaded from `base_from` on its own
+    shardings, is an extra argument of every jitted step, never donated. Each stage calls the
+    same four things: `state_shardings`, `jit_step`/`jit_eval`, `initial_params`, and
+    `full_params(params)` for sampling and evaluation (the adapters merged onto the base).
+    """
+
+    def __init__(self, cfg, model_cfg: ModelConfig, mesh, *, base_from: str, head=None, flag: str = "init_from"):
+        self.lora = lora.from_config(cfg.get("lora"))
+        self.model, self.mesh, self.head, self.base_from = Model(model_cfg), mesh, head, base_from
+        self.base = None
+        if self.lora is None:
+            self.adapted = None
+            self.trainable = head(None) if head else self.model
+            return
+        if not base_from:
+            raise ValueError(f"--config.lora.rank={self.lora.rank} needs a base to adapt: --config.{flag} is empty")
+        self.adapted = lora.Adapted(model_cfg, self.lora)
+        self.trainable = head(self.adapted) if head else self.adapted
+        self.base_sh = sharding.tree_shardings(mesh, self.model.logical_axes(), self.model.abstract_params())
+        base, _ = init_source.load_params(base_from, shardings=self.base_sh, flag=flag)
+        self.base = base["trunk"] if isinstance(base, dict) and "head" in base else base
+        n = sum(x.size for x in jax.tree.leaves(self.adapted.abstract_params()))
+        print(f"LoRA r={self.lora.rank} α={self.lora.alpha} on {','.join(self.lora.targets)}: {n / 1e6:.3f}M "
+              f"trainable parameters on the frozen {base_from}", flush=True)
+
+    def state_shardings(self, optimizer):
+        return state_shardings(self.trainable, optimizer, self.mesh)
+
+    def jit_step(self, make_step: Callable, state_sh, *in_shardings) -> Callable:
+        """`step(state, *args)` of `make_step(model) -> step(state, *args)`, jitted with the state donated;
+        with LoRA `model` is the base-bound handle and the base is passed behind the caller's back."""
+        shardings = dict(out_shardings=(state_sh, None), donate_argnums=0)
+        if self.lora is None:
+            return jax.jit(make_step(self.trainable), in_shardings=(state_sh, *in_shardings), **shardings)
+        first, rest = in_shardings[0], in_shardings[1:]
+        step = jax.jit(lora.with_frozen_base(make_step, self.adapted, trunk=self.head),
+                       in_shardings=(state_sh, first, self.base_sh, *rest), **shardings)
+        return lambda state, batch, *args: step(state, batch, self.base, *args)
+
+    def jit_eval(self, make_eval: Callable, params_sh, *in_shardings) -> Callable:
+        """`eval(params, *args)` of `make_eval(model)`, jitted (nothing donated)."""
+        if self.lora is None:
+            return jax.jit(make_eval(self.trainable), in_shardings=(params_sh, *in_shardings))
+        first, rest = in_shardings[0], in_shardings[1:]
+        fn = jax.jit(lora.with_frozen_base(make_eval, self.adapted, trunk=self.head, training=False),
+                     in_shardings=(params_sh, first, self.base_sh, *rest))
+        return lambda params, batch, *args: fn(params, batch, self.base, *args)
+
+    def initial_params(self, cfg, shardings, init_full: Callable):
+        """Step 0's trainable params: `init_full()` (the stage's usual start), or fresh adapters
+        (B = 0: the base exactly) from `PRNGKey(train.seed)` with the head `trainable.init` gives."""
+        if self.lora is None:
+            return init_full()
+        with sharding.use_rules(self.mesh):
+            return jax.jit(self.trainable.init, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed))
+
+    def full_params(self, params):
+        """Whole weights for sampling and evaluation: `params`, or the adapters merged onto the base."""
+        if self.lora is None:
+            return params
+        if self.head is not None:
+            return {**params, "trunk": self._merge(self.base, params["trunk"])}
+        return self._merge(self.base, params)
+
+    @functools.cached_property
+    def _merge(self):
+        return jax.jit(self.adapted.merge, out_shardings=self.base_sh)
+
+    def meta(self) -> dict:
+        """The checkpoint meta's `lora` entry (adapters' config and the base they adapt), or nothing."""
+        if self.lora is None:
+            return {}
+        base = self.base_from if init_source.is_hf(self.base_from) else os.path.abspath(self.base_from)
+        return {"lora": lora.meta(self.lora, base)}

@@ -54,7 +54,7 @@ from jaxlm.data.tinyworld import judge as tinyworld_judge
 from jaxlm.data.tinyworld.corpus import write_jsonl
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import dpo
-from jaxlm.train_state import abstract_train_state, state_shardings
+from jaxlm.train_state import abstract_train_state
 
 _CONFIG = common.define_config("dpo_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
@@ -255,9 +255,15 @@ def main(argv):
     mesh = runtime.mesh_from_config(cfg)
     steps = cfg.train.steps
     optimizer, schedule = optim.from_config(cfg.optim, steps)
-    state_sh = state_shardings(model, optimizer, mesh)
-    # Frozen by construction: loaded on its own, never part of the (donated) train state.
-    ref_params, _ = init_source.load_params(reference, shardings=state_sh.params, flag="reference_from")
+    tuning = common.Finetuning(cfg, model_cfg, mesh, base_from=cfg.init_from)  # the model, or LoRA adapters
+    state_sh = tuning.state_shardings(optimizer)
+    # Frozen by construction: loaded on its own, never part of the (donated) train state. With LoRA
+    # the reference is the base with the adapters off: the same arrays, no second copy.
+    if tuning.lora is not None and reference != cfg.init_from:
+        raise ValueError(f"--config.lora.rank={tuning.lora.rank}: the reference is the base with the adapters off, "
+                         f"so --config.reference_from must be empty or init_from, got {reference}")
+    ref_params = tuning.base if tuning.lora is not None else init_source.load_params(
+        reference, shardings=state_sh.params, flag="reference_from")[0]
 
     files = prepare_data(cfg, workdir)
     precompute = cfg.precompute_reference
@@ -281,14 +287,13 @@ def main(argv):
           f"{common.usable(train_pairs, files['train'], 'pairs')} training pairs; reference {'precomputed' if precompute else 'on the fly'} from {reference}", flush=True)
 
     batch_sh = sharding.batch_sharding(mesh)
-    ref_sh = None if precompute else state_sh.params
+    ref_sh = None if precompute else jax.tree.map(lambda x: x.sharding, ref_params)
     with sharding.use_rules(mesh):
-        train_step = jax.jit(dpo.make_train_step(model, optimizer, schedule, loss, grad_accum=cfg.train.grad_accum,
-                                                 **options),
-                             in_shardings=(state_sh, batch_sh, ref_sh), out_shardings=(state_sh, None),
-                             donate_argnums=0)
-        eval_step = jax.jit(dpo.make_eval_step(model, loss, **options),
-                            in_shardings=(state_sh.params, batch_sh, ref_sh))
+        train_step = tuning.jit_step(lambda m: dpo.make_train_step(
+            m, optimizer, schedule, loss, grad_accum=cfg.train.grad_accum, reference_model=model, **options),
+            state_sh, batch_sh, ref_sh)
+        eval_step = tuning.jit_eval(lambda m: dpo.make_eval_step(m, loss, reference_model=model, **options),
+                                    state_sh.params, batch_sh, ref_sh)
     step_ref = None if precompute else ref_params
     place = lambda batch: sharding.global_batch(batch, mesh)
     samples_path = os.path.join(workdir, "samples.jsonl")
@@ -305,7 +310,8 @@ def main(argv):
                                                            max(tokenizer.pad_id, 0), valid_pairs.float_fields))
             values.update({f"eval_{k}": v for k, v in dpo.finish_eval(totals).items()})
         if eval_records:
-            summary, records = evaluate_generation(cfg, model, state.params, ref_params, tokenizer, eval_records)
+            summary, records = evaluate_generation(cfg, model, tuning.full_params(state.params), ref_params, tokenizer,
+                                                   eval_records)
             values.update(summary)
             if jax.process_index() == 0:
                 with open(samples_path, "a") as f:
@@ -334,14 +340,16 @@ def main(argv):
     evaluating = cfg.eval.every >= 0 and (valid_pairs is not None or bool(eval_records))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
     meta = {"stage": "dpo", "model": dataclasses.asdict(model_cfg), "tokenizer": init_source.workdir_tokenizer(workdir),
-            "config": cfg.to_dict(), "init_from": cfg.init_from, "reference_from": reference}
+            "config": cfg.to_dict(), "init_from": cfg.init_from, "reference_from": reference, **tuning.meta()}
     outcome = loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train, eval_every=cfg.eval.every), desc="dpo",
         step_fn=lambda state, batch: train_step(state, batch, step_ref),
         batches=pair_iterator(cfg, train_pairs, tokenizer, train=True), place=place, mesh=mesh,
         init_state=lambda: common.initial_train_state(  # init_from's weights: a copy separate from the reference
-            cfg, common.init_from_or_fresh(cfg, model.init, mesh, state_sh.params), optimizer, state_sh),
-        abstract_state=abstract_train_state(model, optimizer, state_sh), meta=meta,
+            cfg, tuning.initial_params(cfg, state_sh.params,
+                                       lambda: common.init_from_or_fresh(cfg, model.init, mesh, state_sh.params)),
+            optimizer, state_sh),
+        abstract_state=abstract_train_state(tuning.trainable, optimizer, state_sh), meta=meta,
         evaluate=evaluate if evaluating else None, initial_eval=initial_eval if evaluating else None,
         on_finish=on_finish, step_outputs=("samples.jsonl",),
         progress_keys={"loss": "loss", "acc": "accuracy", "gold": "eval_gold"})

@@ -30,7 +30,7 @@ from jaxlm import checkpoint, init_source, loop, optim, runtime, sharding
 from jaxlm.data import chat, sft
 from jaxlm.data.sources import DocumentSource
 from jaxlm.model import Model
-from jaxlm.train_state import abstract_train_state, state_shardings
+from jaxlm.train_state import abstract_train_state
 
 _CONFIG = common.define_config("sft_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
@@ -143,8 +143,9 @@ def main(argv):
           f"{cfg.data.batch_size}×{cfg.data.seq_len} tokens; "
           f"{common.usable(train_examples, files['train'], 'conversations')} training conversations", flush=True)
 
-    state_sh = state_shardings(model, optimizer, mesh)
-    train_step, held_out = common.lm_steps(cfg, model, optimizer, schedule, mesh, state_sh)
+    tuning = common.Finetuning(cfg, model_cfg, mesh, base_from=cfg.init_from)  # the model, or LoRA adapters
+    state_sh = tuning.state_shardings(optimizer)
+    train_step, held_out = common.lm_steps(cfg, model, optimizer, schedule, mesh, state_sh, tuning)
     judge_records = []
     if files["tinyworld"] and cfg.eval.judge:
         judge_records = common.read_prompts(files["prompts"], limit=cfg.eval.max_prompts)
@@ -156,14 +157,15 @@ def main(argv):
         if valid_examples is not None:
             values = held_out(state.params, sft_iterator(cfg, valid_examples, tokenizer, train=False))
         if samples:
-            report = write_samples(cfg, model, state.params, tokenizer, samples, workdir, step, mesh)
+            report = write_samples(cfg, model, tuning.full_params(state.params), tokenizer, samples, workdir, step,
+                                   mesh)
             values["samples"] = report.replace("\n", "  \n")  # TensorBoard's text tab (markdown)
         return values
 
     def initial_eval(state):
         if not (judge_records and cfg.eval.judge_init):
             return {}
-        init = judge(cfg, model, state.params, tokenizer, judge_records, mesh)
+        init = judge(cfg, model, tuning.full_params(state.params), tokenizer, judge_records, mesh)
         print(f"Initial model: gold-judge score {init['judge_score']:.3f} on {len(judge_records)} held-out prompts",
               flush=True)
         common.write_json(init_path, init)
@@ -172,7 +174,7 @@ def main(argv):
     def on_finish(state, writer, last_eval):
         if not judge_records:
             return
-        final = judge(cfg, model, state.params, tokenizer, judge_records, mesh)
+        final = judge(cfg, model, tuning.full_params(state.params), tokenizer, judge_records, mesh)
         writer.write(steps, _judge_metrics(final))
         report = {"step": steps, "num_prompts": len(judge_records), **final}
         if os.path.exists(init_path):
@@ -186,13 +188,14 @@ def main(argv):
             print(f"  {family:12s} {value:.3f}", flush=True)
 
     meta = {"stage": "sft", "model": dataclasses.asdict(model_cfg), "tokenizer": init_source.workdir_tokenizer(workdir),
-            "config": cfg.to_dict(), "init_from": cfg.init_from}
+            "config": cfg.to_dict(), "init_from": cfg.init_from, **tuning.meta()}
     outcome = loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="sft", step_fn=train_step,
         batches=sft_iterator(cfg, train_examples, tokenizer, train=True), place=common.placer(mesh), mesh=mesh,
-        init_state=lambda: common.initial_train_state(
-            cfg, common.init_from_or_fresh(cfg, model.init, mesh, state_sh.params), optimizer, state_sh),
-        abstract_state=abstract_train_state(model, optimizer, state_sh), meta=meta, evaluate=evaluate,
+        init_state=lambda: common.initial_train_state(cfg, tuning.initial_params(
+            cfg, state_sh.params, lambda: common.init_from_or_fresh(cfg, model.init, mesh, state_sh.params)),
+            optimizer, state_sh),
+        abstract_state=abstract_train_state(tuning.trainable, optimizer, state_sh), meta=meta, evaluate=evaluate,
         initial_eval=initial_eval, on_finish=on_finish, tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
         progress_keys={"loss": "loss", "eval": "eval_loss"})
     if not outcome.stopped:

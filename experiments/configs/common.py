@@ -41,3 +41,9 @@ def mesh() -> ml_collections.ConfigDict:
 def distributed() -> ml_collections.ConfigDict:
     """Explicit multi-process start (README, "Scaling out"); empty: detected, or one process."""
     return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+
+
+def lora() -> ml_collections.ConfigDict:
+    """LoRA adapters on a frozen base (jaxlm.lora); rank 0 = full fine-tuning. targets: any of
+    q,k,v,o,gate,up,down. The base is the stage's init_from (policy_from in PPO)."""
+    return ml_collections.ConfigDict(dict(rank=0, alpha=32.0, dropout=0.0, targets="q,k,v,o,gate,up,down"))

@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
         samples=8,  # Greedy answers written to samples.jsonl at each eval.
         seed=1234,  # Prompt subset and sampling key of every eval, so evals differ only by the policy.
     ))
+    c.lora = common.lora()  # rank > 0: LoRA adapters on the frozen init_from weights (README, "LoRA")
     c.mesh = common.mesh()
     c.distributed = common.distributed()
     return c

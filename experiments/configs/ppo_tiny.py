@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
         families="",  # Comma-separated families to keep (TinyWorld). Empty: the training prompts' families.
         seed=1234,  # Sampling key of every eval, so evals differ only by the policy.
     ))
+    c.lora = common.lora()  # rank > 0: LoRA adapters on the frozen policy_from weights (README, "LoRA")
     c.mesh = common.mesh()
     c.distributed = common.distributed()
     return c

@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=64,
         seed=0,
     ))
+    c.lora = common.lora()  # rank > 0: LoRA adapters on the frozen init_from weights (README, "LoRA")
     c.mesh = common.mesh()
     c.distributed = common.distributed()
     return c

@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
         max_new_tokens=48,
         batch_size=64,
     ))
+    c.lora = common.lora()  # rank > 0: LoRA adapters on the frozen init_from weights (README, "LoRA")
     c.mesh = common.mesh()
     c.distributed = common.distributed()
     return c
