@@ -15,7 +15,8 @@ dynamic sampling, groups whose rewards are all equal are dropped and more prompt
 passes of minibatch updates (`jaxlm/steps/grpo.py`), the old log-probs being the sampler's.
 
 Writes DIR/config.json, DIR/metrics.jsonl (per iteration: reward and reward/<name> of each program,
-accuracy and pass@G of the first program, groups_dropped (share of sampled groups with no signal),
+accuracy and pass@G of the first program, groups_dropped (share of sampled groups whose rewards are
+all equal: dropped with dynamic sampling, trained on at advantage 0 without),
 refills, completion_length (tokens), think_share and reasoning_words, truncated, kl_k3 per token,
 kl_k1 per sequence, clip_low/clip_high, entropy, loss, grad_norm, logprob_mismatch, the seconds
 of sampling, scoring and update and completions/s; eval_* lines with greedy accuracy, reward,
@@ -62,11 +63,12 @@ def prepare_data(cfg, workdir: str) -> dict:
             "eval": cfg.data.eval_prompts_file or os.path.join(data_dir, "eval_prompts.jsonl")}
 
 
-def read_prompts(path: str, cfg, tokenizer) -> list[dict]:
-    """Records (all their fields, for the rewards) plus chat-encoded `tokens`; longer than
-    `data.max_prompt_len` tokens: skipped and counted."""
+def read_prompts(path: str, cfg, tokenizer, families: set | None = None) -> list[dict]:
+    """Records (all their fields, for the rewards) plus chat-encoded `tokens`, of `families` if
+    given; longer than `data.max_prompt_len` tokens: skipped and counted."""
     records = common.read_prompts(path, field=cfg.data.prompt_field, skip_bad_records=cfg.data.skip_bad_records,
                                   parse=lambda r: {**r, "tokens": chat.encode_prompt(tokenizer, r["prompt"])})
+    records = [r for r in records if families is None or r.get("family") in families]
     kept = [r for r in records if len(r["tokens"]) <= cfg.data.max_prompt_len]
     if len(kept) < len(records):
         print(f"Skipped {len(records) - len(kept)} prompts longer than {cfg.data.max_prompt_len} tokens in {path}",
@@ -151,9 +153,8 @@ def main(argv):
     prompts = read_prompts(files["prompts"], cfg, tokenizer)
     eval_records = []
     if files["eval"] and cfg.eval.every > 0:
-        eval_records = read_prompts(files["eval"], cfg, tokenizer)
         families = set(cfg.eval.families.split(",")) if cfg.eval.families else None
-        eval_records = [r for r in eval_records if families is None or r.get("family") in families]
+        eval_records = read_prompts(files["eval"], cfg, tokenizer, families)
         eval_records = common.seeded_subset(eval_records, cfg.eval.num_prompts, 1234)
     width = 16 * -(-max(len(r["tokens"]) for r in prompts + eval_records) // 16)
     if width + cfg.rollout.max_new_tokens > policy_cfg.max_seq_len:
@@ -230,14 +231,14 @@ def main(argv):
             ts = time.perf_counter()
             total, parts = score(rows_records, texts, batch, host)
             t_score += time.perf_counter() - ts
-            informative = np.asarray(rl.informative_groups(total, G)) if cfg.rollout.dynamic_sampling else \
-                np.ones(len(records), bool)
+            informative = np.asarray(rl.informative_groups(total, G))
             sampled_groups += len(records)
-            dropped += int((~informative).sum())
+            dropped += int((~informative).sum())  # Without dynamic sampling: trained on, at advantage 0.
             if first is None:
                 first = dict(records=rows_records, texts=texts, total=total, parts=parts, host=host)
             for g in range(len(records)):
-                (kept if informative[g] else spare).append((batch, g, total[g * G:(g + 1) * G]))
+                keep = informative[g] or not cfg.rollout.dynamic_sampling
+                (kept if keep else spare).append((batch, g, total[g * G:(g + 1) * G]))
             rounds += 1
             if len(kept) >= P or rounds > cfg.rollout.max_refills:
                 break
