@@ -200,3 +200,29 @@ def test_config_block_errors_name_the_flag():
     block.targets = "q,qkv"
     with pytest.raises(ValueError, match="--config.lora.*qkv"):
         lora.from_config(block)
+
+
+def test_peft_round_trip_matches_hf_peft_logits(setup, tmp_path):
+    """Our adapter written in peft's format, loaded by HF peft onto the exported base, gives our
+    logits (1e-4); read back, it is the same adapter exactly."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jaxlm import hf
+    from jaxlm.hf import adapter as hf_adapter
+    _, base, tokens, _ = setup
+    adapters = _random_adapters(3)  # as in test_merged_equals_unmerged: _lora_logits is compiled there
+    hf.save_pretrained(str(tmp_path / "base"), CFG, base)
+    hf_adapter.save_adapter(str(tmp_path / "adapter"), CFG, LORA, adapters, base_model=str(tmp_path / "base"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")),
+                                      str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+    ours = np.asarray(_lora_logits(base, adapters, tokens))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+    lcfg, loaded = hf_adapter.load_adapter(str(tmp_path / "adapter"), CFG)
+    assert lcfg == LORA
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, adapters))
