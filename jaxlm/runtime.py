@@ -192,6 +192,10 @@ def rerun_differences(stage: str, config: dict, run_meta: dict) -> list[str]:
         old, new = run_config.get(key, ""), config.get(key, "")
         if _same_path(old) != _same_path(new):
             out.append(f"--config.{key}: the run has {old!r}, this command {new!r}")
+    for key in ("rank", "targets"):  # LoRA adapters' shapes
+        old, new = (run_config.get("lora") or {}).get(key), (config.get("lora") or {}).get(key)
+        if old is not None and new is not None and old != new:
+            out.append(f"--config.lora.{key}: the run has {old!r}, this command {new!r}")
     if "init_from" in config and (config.get("init_from") or run_config.get("init_from")):
         return out  # the model and tokenizer come from init_from
     for key, new in sorted((config.get("model") or {}).items()):
