@@ -284,7 +284,8 @@ def main(argv):
     sides = "length-averaged" if options["average_log_probs"] else "summed"
     print(f"DPO ({loss.loss_type}, β={loss.beta}, {sides} log-probs): {model_cfg.num_params() / 1e6:.2f}M parameters; mesh "
           f"{sharding.describe(mesh)}; {steps} steps of {cfg.data.batch_size} pairs; "
-          f"{common.usable(train_pairs, files['train'], 'pairs')} training pairs; reference {'precomputed' if precompute else 'on the fly'} from {reference}", flush=True)
+          f"{common.usable(train_pairs, files['train'], 'pairs')} training pairs; reference "
+          f"{'precomputed' if precompute else 'on the fly'} from {reference}", flush=True)
 
     batch_sh = sharding.batch_sharding(mesh)
     ref_sh = None if precompute else jax.tree.map(lambda x: x.sharding, ref_params)

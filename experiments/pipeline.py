@@ -26,7 +26,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(  # found from the package: runs from any directory
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_tiny.py"), "Pipeline config.")
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_tiny.py"),
+    "Pipeline config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage's run and the report.", required=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -331,6 +331,11 @@ def load_params(path: str, step: int | None = None, *, item: str = "params", sha
         except ValueError:  # another pytree: a reward model where a language model is asked for, or the reverse
             raise RunMismatch(f"{path} is a {meta.get('stage', '?')} run, {model_kind(target[item])}; this needs "
                               f"{model_kind(shardings)}") from None
-    restored = checkpointer.restore(state_dir, target)
+    try:
+        restored = checkpointer.restore(state_dir, target)
+    except Exception as e:  # e.g. another run's damaged checkpoint: say which (not ours to move aside)
+        _quiet_cancelled_reads()
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {directory}/{step} cannot be restored ({type(e).__name__}: {reason})") from None
     return restored[item], meta
 

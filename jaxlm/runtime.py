@@ -159,8 +159,9 @@ def lock_workdir(workdir: str) -> None:
     except BlockingIOError:
         pid, _, since = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
         os.close(fd)
-        raise WorkdirBusy(f"{workdir} is in use by another run (pid {pid or 'unknown'}{', since ' + since if since else ''}"
-                          "); wait for it to end, or use another --workdir") from None
+        since = f", since {since}" if since else ""
+        raise WorkdirBusy(f"{workdir} is in use by another run (pid {pid or 'unknown'}{since}); wait for it to end, "
+                          "or use another --workdir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _LOCKS[workdir] = fd
