@@ -243,8 +243,37 @@ def _bandit(beta: float, iterations: int, estimator: str):
     return np.asarray(probs(ref), np.float64), np.asarray(probs(state.params), np.float64)
 
 
+def test_update_step_with_8_microbatches_equals_one_batch(aggregation="sequence_mean"):
+    """The step's scan over micro-batches (sums and normalisers) against one pass over 8 rows."""
+    cfg_model = ModelConfig(vocab_size=VOCAB * 4, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1,
+                            max_seq_len=16)
+    model = Model(cfg_model)
+    models = ppo.lm_models(model, None, None)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    prompts, lengths = rng.integers(1, 16, (8, 3)).astype(np.int32), np.array([3, 2, 3, 1, 3, 3, 2, 3], np.int32)
+    response = rng.integers(1, 16, (8, 5)).astype(np.int32)
+    mask = (np.arange(5)[None] < np.array([5, 3, 1, 4, 5, 2, 3, 5])[:, None]).astype(np.float32)
+    batch = sampling.prompt_response_layout(prompts, lengths, response, mask)
+    logp = grpo.reference_log_probs(models, params, batch, 1.0)
+    batch.update(loss_mask=batch["response_mask"], old_logp=logp - 0.1 * jnp.asarray(mask),
+                 ref_logp=logp + 0.2 * jnp.asarray(mask), advantages=jnp.asarray(rng.normal(size=8), jnp.float32))
+    tx = optax.sgd(1.0)
+    out = []
+    for accum in (1, 8):
+        cfg = grpo.GRPOConfig(group_size=8, aggregation=aggregation, max_new_tokens=5, grad_accum=accum, beta=0.04)
+        state, _ = grpo.create_grpo_state(model, tx, sharding.make_mesh(), 0, params)
+        out.append(jax.jit(grpo.make_update_step(models, cfg, tx))(state, batch))
+    (s1, m1), (s8, m8) = out
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    for k in ("loss", "clip_low", "clip_high", "ratio", "k3", "entropy", "logprob_mismatch"):
+        np.testing.assert_allclose(float(m1[k]), float(m8[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(float(m1["logprob_mismatch"]), 0.1, rtol=1e-5)
+
+
 def test_bandit_reaches_reward_one_without_kl():
-    ref, pi = _bandit(beta=0.0, iterations=30, estimator="grpo")
+    ref, pi = _bandit(beta=0.0, iterations=15, estimator="grpo")
     assert ref[TARGET] < 0.5 and pi[TARGET] > 0.97
 
 
@@ -306,9 +335,14 @@ def _grpo_command(stages, workdir, *extra):
             "--config.optim.learning_rate=1e-3", "--config.rollout.overlong=penalty", *extra]
 
 
-def test_binary_runs_logs_and_resumes_bitwise_after_sigkill(stages, tmp_path):
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One compilation cache for every run of the binary here: later runs load what the first compiled."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def test_binary_runs_logs_and_resumes_bitwise_after_sigkill(stages, env, tmp_path):
     run = lambda *args: subprocess.run(_grpo_command(stages, *args), cwd=ROOT, env=env, capture_output=True,
                                        text=True, timeout=600)
     straight = run(tmp_path / "straight")
@@ -345,10 +379,10 @@ def test_binary_runs_logs_and_resumes_bitwise_after_sigkill(stages, tmp_path):
     assert model.cfg.d_model == 32
 
 
-def test_binary_names_a_failing_reward(stages, tmp_path):
+def test_binary_names_a_failing_reward(stages, env, tmp_path):
     proc = subprocess.run(_grpo_command(stages, tmp_path / "bad", "--config.rewards=test_grpo:fails_on_plus",
                                         "--config.eval.every=0", "--config.train.iterations=1"),
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests")},
+                          cwd=ROOT, env={**env, "PYTHONPATH": os.path.join(ROOT, "tests")},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "RewardError: reward test_grpo:fails_on_plus raised" in proc.stderr, proc.stderr[-3000:]
