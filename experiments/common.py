@@ -7,6 +7,7 @@ each helper takes the stage's config (the blocks of `experiments/configs/common.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -21,7 +22,7 @@ from jaxlm import checkpoint, init_source, lora, loop, runtime, sharding
 from jaxlm.data import packing
 from jaxlm.data.sources import DataError, DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, train_tokenizer
-from jaxlm.hf import load_tokenizer
+from jaxlm.hf import adapter as hf_adapter, load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
 from jaxlm.train_state import TrainState, state_shardings, train_state_from_params
@@ -250,7 +251,11 @@ class Finetuning:
     """
 
     def __init__(self, cfg, model_cfg: ModelConfig, mesh, *, base_from: str, head=None, flag: str = "init_from"):
-        self.lora = lora.from_config(cfg.get("lora"))
+        block = cfg.get("lora")
+        self.adapter_dir = block.get("adapter", "") if block is not None else ""
+        self.lora = lora.from_config(block)
+        if self.adapter_dir:  # a peft adapter to continue: its own rank, alpha and targets
+            self.lora = dataclasses.replace(hf_adapter.read_adapter_config(self.adapter_dir), dropout=block.dropout)
         self.model, self.mesh, self.head, self.base_from = Model(model_cfg), mesh, head, base_from
         self.base = None
         if self.lora is None:
@@ -296,6 +301,13 @@ class Finetuning:
         (B = 0: the base exactly) from `PRNGKey(train.seed)` with the head `trainable.init` gives."""
         if self.lora is None:
             return init_full()
+        if self.adapter_dir:
+            if self.head is not None:
+                raise ValueError("--config.lora.adapter: a peft adapter has no reward head; start the reward "
+                                 "model's adapters fresh")
+            _, adapters = hf_adapter.load_adapter(self.adapter_dir, self.model.cfg)
+            print(f"LoRA adapters from {self.adapter_dir}", flush=True)
+            return jax.device_put(adapters, shardings)
         with sharding.use_rules(self.mesh):
             return jax.jit(self.trainable.init, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed))
 

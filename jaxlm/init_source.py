@@ -111,7 +111,7 @@ def load_params(path: str, *, shardings: Any = None, item: str = "params", flag:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--config.{flag}={path}: no such directory")
         try:
-            return _run_params(path, None, item=item, shardings=shardings, flag=flag)
+            return run_params(path, None, item=item, shardings=shardings, flag=flag)
         except checkpoint.RunMismatch as e:
             raise checkpoint.RunMismatch(f"--config.{flag}={e}") from None
     if item != "params":
@@ -135,7 +135,7 @@ def load_for_inference(path: str, step: int | None = None) -> tuple[Model, Any, 
             raise ValueError(f"{path} is a Hugging Face directory: it has no checkpoint steps")
         params, meta = load_params(path)
     else:
-        params, meta = _run_params(path, step)
+        params, meta = run_params(path, step)
     if isinstance(params, dict) and "head" in params:
         raise ValueError(f"{path} is a {meta.get('stage', '?')} run, {checkpoint.model_kind(params)}: it scores "
                          "text and cannot generate; give a language-model run (pretrain, sft, dpo, ppo, cai)")
@@ -144,7 +144,7 @@ def load_for_inference(path: str, step: int | None = None) -> tuple[Model, Any, 
     return model, params, tokenizer
 
 
-def _run_params(path: str, step: int | None, *, item: str = "params", shardings: Any = None,
+def run_params(path: str, step: int | None, *, item: str = "params", shardings: Any = None,
                 flag: str = "init_from") -> tuple[Any, dict]:
     """A jaxlm run's `item`; a LoRA run's (meta `lora`: its adapters and the base they adapt) merged
     onto that base, so every reader gets whole weights ({"trunk", "head"} for a reward run)."""

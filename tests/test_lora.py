@@ -2,6 +2,10 @@
 the adapters (and the reward head), the reference with adapters off is the base, dropout."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -226,3 +230,103 @@ def test_peft_round_trip_matches_hf_peft_logits(setup, tmp_path):
     lcfg, loaded = hf_adapter.load_adapter(str(tmp_path / "adapter"), CFG)
     assert lcfg == LORA
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, adapters))
+
+
+# --- The binaries: a peft adapter continued on an HF base, checkpoints of adapters, SIGKILL resume --------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def hf_base_and_adapter(tmp_path_factory):
+    """A random LlamaForCausalLM with a BPE tokenizer and a ChatML template, a peft LoRA adapter
+    written by peft itself (q_proj, v_proj, down_proj; B non-zero), and SFT records."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    peft = pytest.importorskip("peft")
+    d = tmp_path_factory.mktemp("hf_lora")
+    records = [{"prompt": f"What colour is the {t}?", "response": f"The {t} is {c}."}
+               for t in ("ball", "cup", "hat", "car") for c in ("red", "blue", "green")]
+    with open(d / "sft.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>",
+                                                                              "<|im_end|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([json.dumps(r) for r in records] * 5 + ["user assistant system"] * 20, trainer)
+    base = d / "base"
+    base.mkdir()
+    tok.save(str(base / "tokenizer.json"))
+    (base / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "clean_up_tokenization_spaces": False, "chat_template": CHATML}))
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                                      pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(base)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj",
+                                                                                               "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn(p.shape))
+    peft_model.save_pretrained(d / "adapter")
+    return d
+
+
+def _sft(d, workdir, *extra):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(d / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    args = [f"--workdir={workdir}", f"--config.init_from=hf:{d / 'base'}", f"--config.lora.adapter={d / 'adapter'}",
+            f"--config.data.train_files={d / 'sft.jsonl'}", "--config.data.seq_len=48", "--config.data.batch_size=4",
+            "--config.train.steps=4", "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=4",
+            "--config.train.log_every=1", "--config.train.samples=0", "--config.optim.warmup_steps=2", *extra]
+    return subprocess.run([sys.executable, "-m", "experiments.sft", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_sft_continues_a_peft_adapter_on_an_hf_base_and_resumes_bitwise(hf_base_and_adapter, tmp_path):
+    from jaxlm import checkpoint, init_source
+    from jaxlm.hf import adapter as hf_adapter
+    d = hf_base_and_adapter
+    straight = _sft(d, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    crashed = _sft(d, tmp_path / "crashed", "--config.train.crash_after_step=3")
+    assert crashed.returncode == -9, crashed.stderr[-4000:]
+    resumed = _sft(d, tmp_path / "crashed")
+    assert resumed.returncode == 0 and "Resuming from step 3" in resumed.stdout, resumed.stderr[-4000:]
+
+    for item in ("params", "opt_state", "rng", "step"):
+        a, _ = checkpoint.load_params(str(tmp_path / "straight"), item=item)
+        b, meta = checkpoint.load_params(str(tmp_path / "crashed"), item=item)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=item)
+    # The checkpoint holds the adapters only, and points at the base.
+    assert meta["lora"]["base"] == f"hf:{d / 'base'}" and meta["lora"]["config"]["rank"] == 2
+    assert set(meta["lora"]["config"]["targets"]) == {"q", "v", "down"}
+    lcfg, imported = hf_adapter.load_adapter(str(d / "adapter"), ModelConfig(**meta["model"]))
+    first, _ = checkpoint.load_params(str(tmp_path / "straight"), step=1)  # warm-up: step 1 has learning rate 0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(first), imported)
+    last, _ = checkpoint.load_params(str(tmp_path / "straight"))
+    assert float(np.max(np.abs(last["blocks"]["attn"]["wq"]["b"] - imported["blocks"]["attn"]["wq"]["b"]))) > 0
+    # Readers get whole weights: the adapters merged onto the base the meta points at.
+    _, merged, _ = init_source.load_for_inference(str(tmp_path / "straight"))
+    base, _ = init_source.load_params(f"hf:{d / 'base'}")
+    np.testing.assert_allclose(np.asarray(merged["blocks"]["attn"]["wq"]),
+                               np.asarray(lora.merge(base, last, lcfg)["blocks"]["attn"]["wq"]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(merged["blocks"]["attn"]["wk"]), np.asarray(base["blocks"]["attn"]["wk"]))
+    # Export the adapter alone, in peft's format: what we trained, read back exactly.
+    export = subprocess.run([sys.executable, "-m", "tools.hf_export", f"--checkpoint={tmp_path / 'straight'}",
+                             f"--out={tmp_path / 'export'}", "--adapter"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert export.returncode == 0, export.stderr[-4000:]
+    _, exported = hf_adapter.load_adapter(str(tmp_path / "export"), ModelConfig(**meta["model"]))
+    jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(last))

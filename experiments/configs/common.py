@@ -2,6 +2,7 @@
 
 Each `*_tiny.py` calls these with its own defaults, so a field means the same in every stage
 and is documented once (README, "Binaries and flags"). Every call returns a fresh ConfigDict.
+`jaxlm.runtime.validate` checks the values of the optimizer, train and size fields at start.
 """
 
 import ml_collections
@@ -45,5 +46,7 @@ def distributed() -> ml_collections.ConfigDict:
 
 def lora() -> ml_collections.ConfigDict:
     """LoRA adapters on a frozen base (jaxlm.lora); rank 0 = full fine-tuning. targets: any of
-    q,k,v,o,gate,up,down. The base is the stage's init_from (policy_from in PPO)."""
-    return ml_collections.ConfigDict(dict(rank=0, alpha=32.0, dropout=0.0, targets="q,k,v,o,gate,up,down"))
+    q,k,v,o,gate,up,down. The base is the stage's init_from (policy_from in PPO). adapter: a peft
+    adapter directory to start from (its r, alpha and targets replace rank, alpha and targets)."""
+    return ml_collections.ConfigDict(dict(rank=0, alpha=32.0, dropout=0.0, targets="q,k,v,o,gate,up,down",
+                                          adapter=""))
