@@ -62,6 +62,8 @@ STUDY_NEEDS = {"kl": ("data", "sft", "reward", "ppo"), "clip": ("data", "sft", "
                "facts": ("data", "tokenizer", "pretrain", "sft"), "scale": ("data", "tokenizer", "pretrain"),
                "reward": ("data", "tokenizer", "pretrain", "preferences", "reward")}
 STUDIES = tuple(STUDY_NEEDS)
+# PPO runs skip their own held-out evals: every policy is evaluated once, the same way, afterwards.
+NO_EVAL = ("--config.eval.every=0",)
 RULE = "shown at ≥ 2 s.e., not shown between 0 and 2, contradicted below 0"
 WORDS = {"pass": "shown", "not shown": "not shown", "fail": "contradicted", "not measured": "not measured"}
 
@@ -253,9 +255,9 @@ def _save(plt, fig, path: str) -> str:
 
 
 def plot_series(path: str, series: dict[str, list[dict]], keys: list[tuple[str, str]],
-                scatter: tuple[str, str] | None = None) -> str:
+                scatter: tuple[str, str, str, str] | None = None) -> str:
     """One panel per (metrics key, title) against iteration, one line per run; `scatter`: a last
-    panel of (x key, y key) per iteration (e.g. gold against KL)."""
+    panel (x key, y key, x label, title), a point per iteration (e.g. gold against KL)."""
     plt, fig, axes = _figure(len(keys) + (scatter is not None))
     for ax, (key, title) in zip(axes, keys):
         for label, rows in series.items():
@@ -270,8 +272,8 @@ def plot_series(path: str, series: dict[str, list[dict]], keys: list[tuple[str, 
             points = [(r[scatter[0]], r[scatter[1]]) for r in rows if scatter[0] in r and scatter[1] in r]
             if points:
                 ax.plot(*zip(*points), ".", alpha=0.6, label=label)
-        ax.set_xlabel(scatter[0])
-        ax.set_title(f"{scatter[1]} against {scatter[0]}")
+        ax.set_xlabel(scatter[2])
+        ax.set_title(scatter[3])
     axes[0].legend(fontsize=7)
     return _save(plt, fig, path)
 
@@ -585,9 +587,9 @@ class Studies:
         pipeline_label = (f"adaptive β (target {kl.get('target')})" if kl.get("adaptive")
                           else f"β = {kl.get('init_coef')} (pipeline)")
         return {
-            "β = 0": self.run("ppo_beta0", "ppo", "--config.kl.adaptive=False", "--config.kl.init_coef=0.0",
+            "β = 0": self.run("ppo_beta0", "ppo", *NO_EVAL, "--config.kl.adaptive=False", "--config.kl.init_coef=0.0",
                               extra=c.flags),
-            f"β = {c.fixed_beta:g}": self.run("ppo_beta_fixed", "ppo", "--config.kl.adaptive=False",
+            f"β = {c.fixed_beta:g}": self.run("ppo_beta_fixed", "ppo", *NO_EVAL, "--config.kl.adaptive=False",
                                               f"--config.kl.init_coef={c.fixed_beta}", extra=c.flags),
             pipeline_label: self.pipe("ppo"),
         }
@@ -608,12 +610,12 @@ class Studies:
              "peak": moving_peak(free, "gold_score", k), "final": last_mean(free, "gold_score", k)}
         plot = plot_series(self.path("plots", "kl.png"), series,
                            [("score", "reward-model score (proxy)"), ("gold_score", "gold score"),
-                            ("kl_k1", "KL to SFT (nats)")], scatter=("kl_k1", "gold_score"))
+                            ("kl_k1", "KL to SFT (nats)")], scatter=("kl_k1", "gold_score", "KL to SFT (nats)", "gold score against KL"))
         return Section("The KL penalty keeps the policy close", *kl_sentences(m), plot, m)
 
     def study_clip(self) -> Section:
         c = self.cfg.clip
-        common = [f"--config.policy_optim.learning_rate={c.learning_rate}"]
+        common = [*NO_EVAL, f"--config.policy_optim.learning_rate={c.learning_rate}"]
         labels = {"on": "clip ε = 0.2", "off": f"no clipping (ε = {c.off_eps:g})"}
         runs = {labels["on"]: self.run("ppo_clip_on", "ppo", *common, "--config.ppo.clip_eps=0.2", extra=c.flags),
                 labels["off"]: self.run("ppo_clip_off", "ppo", *common, f"--config.ppo.clip_eps={c.off_eps}",
@@ -693,7 +695,7 @@ class Studies:
         recall = {}
         for group, phrasing, key in (("pretrain", 1, "pretrain/new"), ("pretrain", 0, "pretrain/sft form"),
                                      ("sft", 1, "sft/new"), ("sft", 0, "sft/trained"),
-                                     ("both", 1, "both/trained"), ("both", 0, "both/trained (sft form)")):
+                                     ("both", 1, "both/new (trained)"), ("both", 0, "both/sft form (trained)")):
             facts = split.facts(group)
             result = eval_lib.evaluate_policy(model, params, tokenizer, [f.question(phrasing) for f in facts],
                                               num_samples=0, max_new_tokens=24, batch_size=self.cfg.eval.batch_size)

@@ -120,7 +120,7 @@ def test_kl_sentence_says_when_the_over_optimisation_curve_does_not_show():
 def test_plots_and_studies_md_from_results(tmp_path):
     rows = [{"step": i, "score": 0.1 * i, "gold_score": 0.5, "kl_k1": 0.05 * i} for i in range(1, 11)]
     paths = [studies.plot_series(str(tmp_path / "plots" / "kl.png"), {"a": rows, "b": rows},
-                                 [("score", "proxy"), ("kl_k1", "KL")], scatter=("kl_k1", "gold_score")),
+                                 [("score", "proxy"), ("kl_k1", "KL")], scatter=("kl_k1", "gold_score", "KL", "gold against KL")),
              studies.plot_frontier(str(tmp_path / "plots" / "dpo.png"), _dpo((0.05, 0.01), (0.0, 0.01))["points"]),
              studies.plot_bars(str(tmp_path / "plots" / "facts.png"), {"x": (0.5, 0.1), "y": (0.1, 0.05)}, 0.09, "t"),
              studies.plot_scale(str(tmp_path / "plots" / "scale.png"),

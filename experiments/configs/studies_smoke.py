@@ -18,8 +18,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.pipeline.config = "experiments/configs/pipeline_smoke.py"
     c.last = 2
     c.eval = ml_collections.ConfigDict(dict(max_prompts=8, num_samples=1, max_new_tokens=8, batch_size=8))
-    c.kl.flags = "--config.train.iterations=2 --config.eval.every=0"
-    c.clip.flags = c.kl.flags
     c.dpo.betas, c.dpo.main_beta = "0.5", 0.5
     c.dpo.flags = "--config.train.steps=2 --config.train.checkpoint_every=2"
     c.facts.repeats = 1
