@@ -20,6 +20,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Export needs no accelerator; ke
 
 from absl import app, flags  # noqa: E402
 
+from jaxlm import runtime  # noqa: E402
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A jaxlm run's workdir (or its checkpoints/ dir).",
                                   required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face model.", required=True)
@@ -72,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

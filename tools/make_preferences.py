@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import jax
 from absl import app, flags, logging
 
-from jaxlm import init_source
+from jaxlm import init_source, runtime
 from jaxlm.data import chat, tinyworld
 from jaxlm.data.tinyworld import make, preferences as tw_preferences
 
@@ -121,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

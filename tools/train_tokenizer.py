@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from jaxlm import runtime
 from jaxlm.data import tokenizer as tokenizer_lib
 
 _INPUT = flags.DEFINE_multi_string("input", None, "Glob(s) of .txt/.jsonl files; comma-separated "
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)
