@@ -39,8 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from experiments import common
 from jaxlm import checkpoint, init_source, loop, optim, rewards, rl, runtime, sampling, sharding
@@ -50,7 +49,7 @@ from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel
 from jaxlm.steps import grpo, ppo
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/grpo_tiny.py", "Experiment config.")
+_CONFIG = common.define_config("grpo_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples).", required=True)
 
 
@@ -336,4 +335,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)
