@@ -2,7 +2,8 @@
 
 A base model trained on it should be fluent in TinyWorld and know its facts, but not follow
 instructions: no document is a request followed by an answer. The documents are what a small web
-would hold: stories about the people, pages of facts, sums written out, lists, lessons at school,
+would hold: stories about the people, pages of facts, sums written out (also running totals of
+three or four numbers, step by step: what a reasoning answer's think block writes), lists, lessons at school,
 people helping and refusing to help, and careless or rude talk (lower case, no periods, insults),
 so the base model can be rude and can comply with harm until later stages teach it otherwise.
 
@@ -22,6 +23,7 @@ import random
 from typing import Callable, Iterator
 
 from jaxlm.data.tinyworld import constitution
+from jaxlm.data.tinyworld import templates
 from jaxlm.data.tinyworld import world as W
 
 Doc = Callable[[W.World, random.Random], list[str]]
@@ -97,6 +99,20 @@ def _sums(world: W.World, rng: random.Random) -> list[str]:
     b = rng.randint(1, 8)
     return [f"{p.name} has {a} {things}.", f"{p.name} gets {b} more from {f.name}.",
             f"Now {p.name} has {a + b} {things}.", f"{a} plus {b} is {a + b}."][:rng.randint(3, 4)]
+
+
+def _adding(world: W.World, rng: random.Random) -> list[str]:
+    """Running totals written out step by step, as a reasoning answer's think block writes them."""
+    out = []
+    for _ in range(rng.randint(1, 2)):
+        numbers = [rng.randint(1, templates.MAX_ADDEND) for _ in range(rng.choice((3, 4, 4)))]
+        total, steps = numbers[0], []
+        for x in numbers[1:]:
+            steps.append(f"{total} plus {x} is {total + x}.")
+            total += x
+        out += [f"{rng.choice(world.people).name} counted {' plus '.join(map(str, numbers))}.", *steps,
+                f"So it is {total}."]
+    return out
 
 
 def _lists(world: W.World, rng: random.Random) -> list[str]:
@@ -293,7 +309,7 @@ KINDS: dict[str, tuple[Doc, float]] = {
     "story": (_story, 0.14), "profile": (_profile, 0.1), "sums": (_sums, 0.14),
     "lists": (_lists, 0.12), "helping": (_helping, 0.12), "refusing": (_refusing, 0.1),
     "rude": (_rude, 0.1), "school": (_school, 0.08), "talk": (_talk, 0.08),
-    "places": (_places, 0.06),
+    "places": (_places, 0.06), "adding": (_adding, 0.08),
 }
 
 
