@@ -288,14 +288,19 @@ def main(argv):
           f"{'precomputed' if precompute else 'on the fly'} from {reference}", flush=True)
 
     batch_sh = sharding.batch_sharding(mesh)
-    ref_sh = None if precompute else jax.tree.map(lambda x: x.sharding, ref_params)
+    # LoRA on the fly: the reference is the base the step already holds (`m.base`), passed once.
+    base_is_ref = tuning.lora is not None and not precompute
+    step_ref = None if precompute or base_is_ref else ref_params
+    ref_sh = None if step_ref is None else jax.tree.map(lambda x: x.sharding, ref_params)
+
+    def with_reference(step, m):
+        return (lambda first, batch, _: step(first, batch, m.base)) if base_is_ref else step
     with sharding.use_rules(mesh):
-        train_step = tuning.jit_step(lambda m: dpo.make_train_step(
-            m, optimizer, schedule, loss, grad_accum=cfg.train.grad_accum, reference_model=model, **options),
+        train_step = tuning.jit_step(lambda m: with_reference(dpo.make_train_step(
+            m, optimizer, schedule, loss, grad_accum=cfg.train.grad_accum, reference_model=model, **options), m),
             state_sh, batch_sh, ref_sh)
-        eval_step = tuning.jit_eval(lambda m: dpo.make_eval_step(m, loss, reference_model=model, **options),
-                                    state_sh.params, batch_sh, ref_sh)
-    step_ref = None if precompute else ref_params
+        eval_step = tuning.jit_eval(lambda m: with_reference(
+            dpo.make_eval_step(m, loss, reference_model=model, **options), m), state_sh.params, batch_sh, ref_sh)
     place = lambda batch: sharding.global_batch(batch, mesh)
     samples_path = os.path.join(workdir, "samples.jsonl")
     init_path = os.path.join(workdir, "eval_init.json")

@@ -32,7 +32,7 @@ from jaxlm.data import chat, preferences
 from jaxlm.model import Model, ModelConfig
 from jaxlm.reward_model import ScalarHeadModel, normalize_head
 from jaxlm.steps import reward
-from jaxlm.train_state import abstract_train_state, state_shardings
+from jaxlm.train_state import abstract_train_state
 
 _CONFIG = common.define_config("reward_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, eval.json).", required=True)
@@ -166,13 +166,16 @@ def main(argv):
           f"steps of {cfg.data.batch_size} pairs; {common.usable(train_pairs, files['train'], 'pairs')} training pairs",
           flush=True)
 
-    state_sh = state_shardings(rm, optimizer, mesh)
+    # The whole model, or LoRA adapters on the frozen init_from trunk with a fully trained head.
+    tuning = common.Finetuning(cfg, model_cfg, mesh, base_from=cfg.init_from,
+                               head=lambda trunk: ScalarHeadModel(model_cfg, trunk=trunk))
+    state_sh = tuning.state_shardings(optimizer)
     batch_sh = sharding.batch_sharding(mesh)
     loss_kw = dict(margin=cfg.loss.margin, soft_labels=cfg.loss.soft_labels)
     with sharding.use_rules(mesh):
-        train_step = jax.jit(reward.make_train_step(rm, optimizer, schedule, grad_accum=cfg.train.grad_accum, **loss_kw),
-                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-        eval_step = jax.jit(reward.make_eval_step(rm, **loss_kw), in_shardings=(state_sh.params, batch_sh))
+        train_step = tuning.jit_step(lambda m: reward.make_train_step(
+            m, optimizer, schedule, grad_accum=cfg.train.grad_accum, **loss_kw), state_sh, batch_sh)
+        eval_step = tuning.jit_eval(lambda m: reward.make_eval_step(m, **loss_kw), state_sh.params, batch_sh)
     place = lambda batch: sharding.global_batch(batch, mesh)
     pad_id = max(tokenizer.pad_id, 0)
 
@@ -189,7 +192,10 @@ def main(argv):
     def finalize(state):
         """The last checkpoint holds the head normalised on reference samples."""
         sequences = reference_sequences(cfg, files, tokenizer, init_meta)
-        params, normalization["value"] = normalize(cfg, rm, sharding.host_copy(state.params), sequences, pad_id)
+        params, normalization["value"] = normalize(cfg, rm, sharding.host_copy(tuning.full_params(state.params)),
+                                                   sequences, pad_id)
+        if tuning.lora is not None:  # the state keeps its adapters; only the head is rescaled
+            params = {**state.params, "head": params["head"]}
         return (state.replace(params=jax.device_put(params, state_sh.params)),
                 {"reward_normalization": normalization["value"]})
 
@@ -218,13 +224,14 @@ def main(argv):
 
     meta = {"stage": "reward", "model": dataclasses.asdict(model_cfg),
             "tokenizer": init_source.workdir_tokenizer(workdir), "config": cfg.to_dict(),
-            "init_from": cfg.init_from, "init_meta": init_meta}
+            "init_from": cfg.init_from, "init_meta": init_meta, **tuning.meta()}
     loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="reward", step_fn=train_step,
         batches=pair_iterator(cfg, train_pairs, tokenizer, train=True), place=place, mesh=mesh,
-        init_state=lambda: common.initial_train_state(
-            cfg, initial_params(cfg, rm, mesh, state_sh.params, init_meta), optimizer, state_sh),
-        abstract_state=abstract_train_state(rm, optimizer, state_sh), meta=meta,
+        init_state=lambda: common.initial_train_state(cfg, tuning.initial_params(
+            cfg, state_sh.params, lambda: initial_params(cfg, rm, mesh, state_sh.params, init_meta)),
+            optimizer, state_sh),
+        abstract_state=abstract_train_state(tuning.trainable, optimizer, state_sh), meta=meta,
         evaluate=evaluate if valid_pairs is not None else None, finalize=finalize, on_finish=on_finish,
         progress_keys={"loss": "loss", "acc": "accuracy", "eval_acc": "eval_accuracy"})
 

@@ -3,6 +3,7 @@ r"""Speed of the real training step (and of decoding): tokens/s, step time, comp
     PYTHONPATH=. python -m tools.bench --shape=cpu_small
     python -m tools.bench --shape=gpt2_small --dtype=bfloat16 --attention_impl=cudnn --peak_tflops=790
     python -m tools.bench --shape=llama_1b --mode=decode --batch=1 --dtype=bfloat16 --peak_gbps=4800
+    python -m tools.bench --shape=llama_1b --mode=memory --dtype=bfloat16 --lora_rank=16   # runs on a CPU
 
 Train mode times `jaxlm.steps.lm.make_train_step` (the step pretraining and SFT run) with the real
 AdamW chain from `jaxlm.optim`, jitted with donation exactly as the binaries jit it, on a batch of
@@ -38,6 +39,15 @@ What is measured and how:
   the device's dense peak for the compute dtype (H100/H200 bf16: the spec sheet figure; this
   project's GPU target uses 790); without it only achieved TFLOP/s is printed.
 
+Memory mode compiles the SFT and the DPO training step ahead of time on abstract arrays
+(`jit(step).lower(*ShapeDtypeStructs).compile().memory_analysis()`: nothing is allocated, so a
+1B-parameter shape fits on a laptop) and prints what XLA's buffer assignment reserves on one
+device (arguments + outputs + temporaries − donated aliases), for full fine-tuning and for LoRA
+(`--lora_rank`, every projection adapted, α = 2r; the frozen base stored in `--base_dtype`). Full
+DPO holds a second copy of the weights, the reference; LoRA's reference is its base. The figures
+are the CPU backend's buffer assignment: a GPU's fusions and kernels differ, the weights and
+optimizer state do not.
+
 Decode mode calls `tools.bench_decode.bench_decode` (prefill + sampled tokens through
 `jaxlm.sampling.generate`) and prints generated tokens/s and the memory bandwidth a decode step
 achieves; `--peak_gbps` gives the roofline fraction.
@@ -59,10 +69,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxlm import optim, sharding
+from jaxlm import lora, losses, optim, sharding
 from jaxlm.model import Model, ModelConfig
-from jaxlm.steps import lm
-from jaxlm.train_state import create_train_state
+from jaxlm.steps import dpo, lm
+from jaxlm.train_state import abstract_train_state, create_train_state, state_shardings
 
 # Named shapes: ModelConfig fields plus the default batch and seq_len of a benchmark run.
 SHAPES: dict[str, dict] = {
@@ -195,6 +205,71 @@ def bench_train(cfg: ModelConfig, batch: int, seq_len: int, *, steps: int = 10, 
     }
 
 
+def _abstract(tree, shardings, dtype=None):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), tree, shardings)
+
+
+def step_memory(cfg: ModelConfig, batch: int, seq_len: int, *, stage: str = "sft", lora_rank: int = 0,
+                base_dtype: str = "float32") -> dict:
+    """GB XLA reserves for one jitted training step of `stage` ('sft' or 'dpo': `batch` pairs), full
+    or LoRA, compiled on abstract arrays (nothing allocated). Also: trainable and frozen weights' GB."""
+    model = Model(cfg)
+    optimizer, schedule = optim.make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=10_000)
+    mesh = sharding.make_mesh()
+    adapted = lora.Adapted(cfg, lora.LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank)) if lora_rank else None
+    trainable = adapted or model
+    state_sh = state_shardings(trainable, optimizer, mesh)
+    state = abstract_train_state(trainable, optimizer, state_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+    sides = ("",) if stage == "sft" else ("chosen_", "rejected_")
+    data = {f"{side}{k}": jax.ShapeDtypeStruct((batch, seq_len), np.int32, sharding=batch_sh) for side in sides
+            for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+    if stage == "dpo":
+        data.update(label=jax.ShapeDtypeStruct((batch,), np.float32, sharding=batch_sh),
+                    weight=jax.ShapeDtypeStruct((batch,), np.float32, sharding=batch_sh))
+    base_sh = sharding.tree_shardings(mesh, model.logical_axes(), model.abstract_params())
+    weights = _abstract(model.abstract_params(), base_sh, None if adapted is None else np.dtype(base_dtype))
+    if stage == "sft":
+        make_step = lambda m: lm.make_train_step(m, optimizer, schedule)
+    elif adapted is not None:  # the reference is the base the step holds
+        make_step = lambda m: (lambda s, b: dpo.make_train_step(m, optimizer, schedule, losses.DPOConfig(),
+                                                                reference_model=model)(s, b, m.base))
+    else:
+        make_step = lambda m: dpo.make_train_step(m, optimizer, schedule, losses.DPOConfig())
+    with sharding.use_rules(mesh):
+        if adapted is not None:
+            step = jax.jit(lora.with_frozen_base(make_step, adapted), in_shardings=(state_sh, batch_sh, base_sh),
+                           out_shardings=(state_sh, None), donate_argnums=0)
+            args = (state, data, weights)
+        elif stage == "sft":
+            step = jax.jit(make_step(model), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                           donate_argnums=0)
+            args = (state, data)
+        else:
+            step = jax.jit(make_step(model), in_shardings=(state_sh, batch_sh, base_sh),
+                           out_shardings=(state_sh, None), donate_argnums=0)
+            args = (state, data, weights)  # the reference: a second copy of the weights
+        start = time.perf_counter()
+        m = step.lower(*args).compile().memory_analysis()
+        compile_s = time.perf_counter() - start
+    gb = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e9
+    return {"stage": stage, "lora_rank": lora_rank, "batch": batch, "seq_len": seq_len,
+            "step_gb": (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                        - m.alias_size_in_bytes) / 1e9,
+            "arguments_gb": m.argument_size_in_bytes / 1e9, "temp_gb": m.temp_size_in_bytes / 1e9,
+            "trainable_gb": gb(state.params), "optimizer_gb": gb(state.opt_state),
+            "frozen_gb": gb(weights) if adapted is not None or stage == "dpo" else 0.0,
+            "base_dtype": base_dtype if adapted is not None else "float32", "compile_s": compile_s}
+
+
+def format_memory(name: str, cfg: ModelConfig, r: dict) -> str:
+    what = f"LoRA r={r['lora_rank']} (base {r['base_dtype']})" if r["lora_rank"] else "full fine-tuning"
+    return (f"{name} {r['stage']} {what}: dtype={cfg.dtype} remat={cfg.remat} batch={r['batch']} "
+            f"seq_len={r['seq_len']}\n  step_mem_gb={r['step_gb']:.2f} (arguments {r['arguments_gb']:.2f}, "
+            f"temporaries {r['temp_gb']:.2f}) trainable_gb={r['trainable_gb']:.3f} "
+            f"optimizer_gb={r['optimizer_gb']:.3f} frozen_gb={r['frozen_gb']:.3f} compile_s={r['compile_s']:.1f}")
+
+
 def format_train(name: str, cfg: ModelConfig, r: dict) -> str:
     mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "n/a"
@@ -209,7 +284,10 @@ def format_train(name: str, cfg: ModelConfig, r: dict) -> str:
 
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_enum("mode", "train", ["train", "decode"], "Time the training step, or generation.", flag_values=FLAGS)
+flags.DEFINE_enum("mode", "train", ["train", "decode", "memory"],
+                  "Time the training step or generation, or report the SFT and DPO steps' memory.", flag_values=FLAGS)
+flags.DEFINE_integer("lora_rank", 16, "Memory mode: the LoRA rank compared with full fine-tuning.", flag_values=FLAGS)
+flags.DEFINE_string("base_dtype", "bfloat16", "Memory mode: dtype of LoRA's frozen base weights.", flag_values=FLAGS)
 flags.DEFINE_enum("shape", "cpu_small", sorted(SHAPES), "Named model shape.", flag_values=FLAGS)
 flags.DEFINE_integer("batch", 0, "Rows per step (0: the shape's default).", flag_values=FLAGS)
 flags.DEFINE_integer("seq_len", 0, "Tokens per row (0: the shape's default); decode: the prompt length.",
@@ -242,6 +320,15 @@ def main(argv: list[str]) -> None:
     cfg = shape_config(FLAGS.shape, **overrides)
     batch = FLAGS.batch or SHAPES[FLAGS.shape]["batch"]
     seq_len = FLAGS.seq_len or SHAPES[FLAGS.shape]["seq_len"]
+    if FLAGS.mode == "memory":
+        results = {}
+        for stage in ("sft", "dpo"):
+            for rank in (0, FLAGS.lora_rank):
+                r = step_memory(cfg, batch, seq_len, stage=stage, lora_rank=rank, base_dtype=FLAGS.base_dtype)
+                results[stage, rank] = r["step_gb"]
+                print(format_memory(FLAGS.shape, cfg, r), flush=True)
+            print(f"{stage}: LoRA / full = {results[stage, FLAGS.lora_rank] / results[stage, 0]:.3f}", flush=True)
+        return
     if FLAGS.mode == "decode":
         from tools.bench_decode import bench_decode
         prompt_len = FLAGS.seq_len or 128
