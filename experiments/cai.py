@@ -56,7 +56,7 @@ from jaxlm.data.tinyworld.corpus import write_jsonl
 from jaxlm.hf import load_tokenizer
 from jaxlm.model import Model, ModelConfig
 from jaxlm.steps import lm
-from jaxlm.train_state import abstract_train_state, state_shardings, train_state_from_params
+from jaxlm.train_state import abstract_train_state, train_state_from_params
 
 _CONFIG = common.define_config("cai_tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (generated data, checkpoints, metrics).", required=True)
@@ -185,14 +185,15 @@ def run_sl(cfg, workdir: str):
     mesh = runtime.mesh_from_config(cfg)
     steps = cfg.train.steps
     optimizer, schedule = optim.from_config(cfg.optim, steps)
-    state_sh = state_shardings(model, optimizer, mesh)
+    tuning = common.Finetuning(cfg, model.cfg, mesh, base_from=cfg.init_from)  # the model, or LoRA adapters
+    state_sh = tuning.state_shardings(optimizer)
     examples = sft.ChatExamples(train_file, tokenizer, seq_len=cfg.train.seq_len, too_long="skip")
     if examples.report():
         print(f"{train_file}: {examples.report()}", flush=True)
     usable = common.usable(examples, train_file, "conversations in the fine-tuning mix")
     with sharding.use_rules(mesh):
-        train_step = jax.jit(lm.make_train_step(model, optimizer, schedule), donate_argnums=0,
-                             in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, None))
+        train_step = tuning.jit_step(lambda m: lm.make_train_step(m, optimizer, schedule), state_sh,
+                                     sharding.batch_sharding(mesh))
     print(f"Fine-tuning {steps} steps of {cfg.train.batch_size}×{cfg.train.seq_len} tokens on {usable} "
           f"conversations", flush=True)
 
@@ -207,7 +208,7 @@ def run_sl(cfg, workdir: str):
     def on_finish(state, writer, _):
         if not records:
             return
-        final = evaluate(cfg, model, jax.device_get(state.params), tokenizer, records)
+        final = evaluate(cfg, model, jax.device_get(tuning.full_params(state.params)), tokenizer, records)
         writer.write(steps, {f"eval/{k}": v for k, v in final["summary"].items()})
         init = common.read_json(init_path)
         common.write_json(eval_path, {"before": init, "after": final, "revisions": len(revisions)})
@@ -215,16 +216,18 @@ def run_sl(cfg, workdir: str):
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
     meta = {"stage": "cai_sl", "model": init_meta["model"], "tokenizer": init_source.workdir_tokenizer(workdir),
-            "config": cfg.to_dict(), "init_from": cfg.init_from}
+            "config": cfg.to_dict(), "init_from": cfg.init_from, **tuning.meta()}
     outcome = loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train), desc="cai-sl", step_fn=train_step,
         batches=sft.make_sft_iterator(examples, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
                                       seed=cfg.train.seed, pad_id=max(tokenizer.pad_id, 0)),
         place=common.placer(mesh), mesh=mesh,
         init_state=lambda: train_state_from_params(  # CAI's root key is PRNGKey(seed) itself (not folded).
-            init_source.load_params(cfg.init_from, shardings=state_sh.params)[0], optimizer, state_sh,
-            jax.random.PRNGKey(cfg.train.seed)),
-        abstract_state=abstract_train_state(model, optimizer, state_sh), meta=meta, initial_eval=initial_eval,
+            tuning.initial_params(cfg, state_sh.params,
+                                  lambda: init_source.load_params(cfg.init_from, shardings=state_sh.params)[0]),
+            optimizer, state_sh, jax.random.PRNGKey(cfg.train.seed)),
+        abstract_state=abstract_train_state(tuning.trainable, optimizer, state_sh), meta=meta,
+        initial_eval=initial_eval,
         on_finish=on_finish, tokens_per_step=cfg.train.batch_size * cfg.train.seq_len)
     if not outcome.stopped:
         print(f"Done. Fine-tuned model in {ckpt.directory}", flush=True)
