@@ -193,7 +193,8 @@ def facts_sentences(m: dict) -> tuple[str, str, str]:
              "it saw only in SFT answers.")
     v = judged(m["difference"])
     cell = lambda key: f"{pm(r[key][:2], signed=False)} ({r[key][2]} facts)"
-    measured = (f"Greedy recall after SFT on the phrasing SFT never asked: facts only in pre-training {cell('pretrain/new')}, "
+    measured = (f"Greedy recall after SFT on the phrasing SFT never asked: facts only in pre-training "
+                f"{cell('pretrain/new')}, "
                 f"facts only in SFT answers {cell('sft/new')}, difference {pm(m['difference'])}; on the question SFT "
                 f"trained the SFT-only facts on: {cell('sft/trained')}; before SFT, the base model's closed-book cloze "
                 f"recall: pre-training-only {m['base']['pretrain'][0]:.3f}, SFT-only {m['base']['sft'][0]:.3f} "
@@ -226,8 +227,9 @@ def reward_sentences(m: dict) -> tuple[str, str, str]:
     v = judged(m["rise"])
     fams = "; ".join(f"{f} {row['accuracy']:.2f} / {row['bayes_accuracy']:.2f} / {row['content_blind_accuracy']:.2f}"
                      for f, row in m["points"][labels[-1]]["families"].items() if f != "all")
-    measured = (f"Held-out accuracy on {m['pairs']} pairs: {lo['accuracy']:.3f} from {labels[0]} to {hi['accuracy']:.3f} "
-                f"from {labels[-1]} (difference {pm(m['rise'])}), against a Bayes ceiling of {hi['bayes_accuracy']:.3f} "
+    measured = (f"Held-out accuracy on {m['pairs']} pairs: {lo['accuracy']:.3f} from {labels[0]} to "
+                f"{hi['accuracy']:.3f} from {labels[-1]} (difference {pm(m['rise'])}), against a Bayes ceiling of "
+                f"{hi['bayes_accuracy']:.3f} "
                 f"and a content-blind judge's {hi['content_blind_accuracy']:.3f}; per family at the largest compute "
                 f"(accuracy / Bayes / content-blind): {fams}. Verdict ({RULE}): {v}.")
     return claim, measured, v
@@ -340,7 +342,8 @@ def plot_reward(path: str, points: dict[str, dict]) -> str:
         ax.axhline(last["content_blind_accuracy"], color=color, ls=":", lw=0.7)
     ax.set_xscale("log")
     ax.set_xlabel("pre-training compute of the trunk (FLOPs)")
-    ax.set_ylabel("held-out accuracy (--: Bayes, ··: content-blind)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("dashed: Bayes ceiling, dotted: content-blind", fontsize=9)
     ax.legend(fontsize=7)
     return _save(plt, fig, path)
 
@@ -515,7 +518,8 @@ class Studies:
         if os.path.exists(os.path.join(out, "DONE")):
             return out
         t0 = time.perf_counter()
-        self._call([sys.executable, "-m", f"experiments.{stage}", f"--config={FROM_RUN}:{self.pipe(stage, 'config.json')}",
+        config = f"--config={FROM_RUN}:{self.pipe(stage, 'config.json')}"
+        self._call([sys.executable, "-m", f"experiments.{stage}", config,
                     f"--workdir={out}", *run_flags, *shlex.split(extra)], f"run {name} ({stage})")
         write_json(os.path.join(out, "DONE"), {"seconds": time.perf_counter() - t0,
                                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -610,7 +614,8 @@ class Studies:
              "peak": moving_peak(free, "gold_score", k), "final": last_mean(free, "gold_score", k)}
         plot = plot_series(self.path("plots", "kl.png"), series,
                            [("score", "reward-model score (proxy)"), ("gold_score", "gold score"),
-                            ("kl_k1", "KL to SFT (nats)")], scatter=("kl_k1", "gold_score", "KL to SFT (nats)", "gold score against KL"))
+                            ("kl_k1", "KL to SFT (nats)")],
+                           scatter=("kl_k1", "gold_score", "KL to SFT (nats)", "gold score against KL"))
         return Section("The KL penalty keeps the policy close", *kl_sentences(m), plot, m)
 
     def study_clip(self) -> Section:
@@ -732,7 +737,8 @@ class Studies:
         else:
             every = min(steps, 200)
             d = self.run(name, "pretrain", f"--config.train.steps={steps}", f"--config.train.checkpoint_every={every}",
-                         f"--config.train.eval_every={every}", f"--config.optim.warmup_steps={min(50, max(1, steps // 5))}",
+                         f"--config.train.eval_every={every}",
+                         f"--config.optim.warmup_steps={min(50, max(1, steps // 5))}",
                          extra=f"{c.sizes[size]} {c.flags}")
         return {"label": f"{size}, {steps} steps", "dir": d, "size": size, "steps": steps, "name": name}
 

@@ -120,11 +120,13 @@ def test_kl_sentence_says_when_the_over_optimisation_curve_does_not_show():
 def test_plots_and_studies_md_from_results(tmp_path):
     rows = [{"step": i, "score": 0.1 * i, "gold_score": 0.5, "kl_k1": 0.05 * i} for i in range(1, 11)]
     paths = [studies.plot_series(str(tmp_path / "plots" / "kl.png"), {"a": rows, "b": rows},
-                                 [("score", "proxy"), ("kl_k1", "KL")], scatter=("kl_k1", "gold_score", "KL", "gold against KL")),
+                                 [("score", "proxy"), ("kl_k1", "KL")],
+                                 scatter=("kl_k1", "gold_score", "KL", "gold against KL")),
              studies.plot_frontier(str(tmp_path / "plots" / "dpo.png"), _dpo((0.05, 0.01), (0.0, 0.01))["points"]),
              studies.plot_bars(str(tmp_path / "plots" / "facts.png"), {"x": (0.5, 0.1), "y": (0.1, 0.05)}, 0.09, "t"),
              studies.plot_scale(str(tmp_path / "plots" / "scale.png"),
-                                {k: {**v, "size": k.split(",")[0]} for k, v in _scale((0, 1), (0, 1))["points"].items()},
+                                {k: {**v, "size": k.split(",")[0]}
+                                 for k, v in _scale((0, 1), (0, 1))["points"].items()},
                                 0.08, 0.33),
              studies.plot_reward(str(tmp_path / "plots" / "reward.png"), _reward((0, 1))["points"])]
     for p in paths:
@@ -155,9 +157,9 @@ def test_fact_split_groups_cover_the_world_and_the_corpus_keeps_no_sft_fact(spli
     assert len(docs) == 3000
     original = list(corpus.corpus_documents(split.world, 3000, 0))
     assert docs[:10] == [d for d in original if not split.reveals_sft_fact(d)][:10]  # the pipeline's, filtered
+    doc_words = [{W.bare(w) for w in W.words(d)} for d in docs]
     for fact in split.facts("sft"):
-        for d in docs:
-            words = {W.bare(w) for w in W.words(d)}
+        for d, words in zip(docs, doc_words):
             assert not (fact.name.lower() in words and fact.value.lower() in words), (fact, d)
     # The corpus does state the other groups' facts (else the study would measure nothing).
     stated = lambda f: any(f.answer[:-1].lower() in d.lower() for d in docs)  # noqa: E731
@@ -200,11 +202,15 @@ def test_cloze_choice_is_the_candidate_with_the_highest_log_probability():
              probes.ClozeItem("cd is", "ox", ("ox", "cow"), ("cow",))]
     correct, copied = studies.cloze_correct(model, params, tok, items, batch_size=8)
 
+    width = 32  # right padding (segment 0) changes no earlier position's logits
+    apply = jax.jit(lambda t, s: model.apply(params, t, np.arange(width)[None], s).logits)
+
     def reference(prefix, cand):  # log p of " cand." after [BOS] + prefix, from the full logits
         ids = [1] + tok.encode(f"{prefix} {cand}.")
         start = 1 + len(tok.encode(prefix))
-        logits = model.apply(params, np.asarray([ids]), np.arange(len(ids))[None], np.ones((1, len(ids)), np.int32)).logits
-        logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+        tokens, segments = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
+        tokens[0, :len(ids)], segments[0, :len(ids)] = ids, 1
+        logp = jax.nn.log_softmax(np.asarray(apply(tokens, segments)[0], np.float64), axis=-1)
         return sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
 
     for i, item in enumerate(items):

@@ -103,7 +103,8 @@ class FactSplit:
         for group, phrasings in (("sft", (0,)), ("both", (0, 1))):
             for f in self.facts(group):
                 for k in phrasings:
-                    out += [{"prompt": f.question(k), "response": f.answer, "family": "facts", "group": group}] * repeats
+                    record = {"prompt": f.question(k), "response": f.answer, "family": "facts", "group": group}
+                    out += [record] * repeats
         random.Random(f"tinyworld/probes/sft/{len(out)}").shuffle(out)
         return out
 
