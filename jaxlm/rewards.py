@@ -35,8 +35,9 @@ RewardFn = Callable[[list, list, list], Sequence[float]]
 __all__ = ["RewardError", "RewardSet", "load_reward", "parse_rewards", "tinyworld_verifier", "think_format"]
 
 
-class RewardError(RuntimeError):
-    """A reward function failed (raised, or gave a score that is not a finite number)."""
+class RewardError(ValueError):
+    """A reward function failed (raised, or gave a score that is not a finite number). A ValueError:
+    the binaries report it as bad input, in one line naming the function and the prompt."""
 
 
 def tinyworld_verifier(prompts: Sequence[str], completions: Sequence[str], records: Sequence[Mapping]) -> list[float]:
