@@ -231,10 +231,12 @@ class StopSignal:
         self.requested = False
         self.sync_every = max(1, sync_every)
         self._waiting = False
+        self._waits = 0  # which wait for a batch this is: a watch expires only on the wait it began in
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     @contextlib.contextmanager
     def waiting_for_data(self):
+        self._waits += 1
         self._waiting = True
         if self.requested:
             self._watch()
@@ -260,9 +262,11 @@ class StopSignal:
 
     def _watch(self):
         """Exit (143, unsaved) unless the batch being waited for arrives within DATA_WAIT_GRACE_S."""
+        wait = self._waits
+
         def expire():
             time.sleep(DATA_WAIT_GRACE_S)
-            if self._waiting:
+            if self._waiting and self._waits == wait:
                 print(f"\nSIGTERM: no batch came in {DATA_WAIT_GRACE_S}s (does the data filter out every record?); "
                       "exiting without saving.", file=sys.stderr, flush=True)
                 os._exit(128 + signal.SIGTERM)
