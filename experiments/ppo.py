@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from jaxlm import checkpoint, init_source, loop, optim, rl, runtime, sampling, sharding
+from jaxlm import checkpoint, init_source, lora, loop, optim, rl, runtime, sampling, sharding
 from jaxlm.data import chat
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.hf import load_tokenizer
@@ -207,28 +207,50 @@ def main(argv):
                          kl_kind=cfg.ppo.kl_kind, entropy_coef=cfg.ppo.entropy_coef,
                          whiten_advantages=cfg.ppo.whiten_advantages,
                          missing_eos_penalty=cfg.rollout.missing_eos_penalty, grad_accum=cfg.ppo.grad_accum)
-    state_sh = ppo.ppo_state_shardings(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, mesh)
+    # The policy and the critic, or LoRA adapters on the policy's base (also the reference) and on the
+    # reward model's trunk (the critic keeps a fully trained head, started from the reward head).
+    tuning = common.Finetuning(cfg, policy_cfg, mesh, base_from=cfg.policy_from, flag="policy_from")
+    critic_adapted = None if tuning.lora is None else lora.Adapted(critic_cfg, tuning.lora)
+    critic_model = reward_model if critic_adapted is None else ScalarHeadModel(critic_cfg, trunk=critic_adapted)
+    state_sh = ppo.ppo_state_shardings(tuning.trainable, critic_model, policy_tx, critic_tx, kl_ctl, mesh)
     # Frozen by construction: these two never enter the trained (and donated) state.
-    ref_params, _ = init_source.load_params(cfg.policy_from, shardings=state_sh.params, flag="policy_from")
-    reward_params, _ = init_source.load_params(cfg.reward_from, shardings=state_sh.critic, flag="reward_from")
+    ref_params = tuning.base if tuning.lora is not None else init_source.load_params(
+        cfg.policy_from, shardings=state_sh.params, flag="policy_from")[0]
+    reward_sh = sharding.tree_shardings(mesh, reward_model.logical_axes(), reward_model.abstract_params())
+    reward_params, _ = init_source.load_params(cfg.reward_from, shardings=reward_sh, flag="reward_from")
     print(f"Policy {policy_cfg.num_params() / 1e6:.2f}M and critic {critic_cfg.num_params() / 1e6:.2f}M parameters; "
           f"mesh {sharding.describe(mesh)}; {iterations} iterations of {B} rollouts × {cfg.ppo.epochs} epochs of "
           f"{B // mb} minibatches; {len(prompts)} prompts (width {width}), {len(eval_records)} eval prompts",
           flush=True)
 
-    models = ppo.lm_models(policy_model, reward_model, reward_model)
+    def make_models(ref_params, reward_params) -> ppo.PPOModels:
+        """Inside the jitted functions: LoRA's handles hold the frozen bases as traced arguments (no dropout:
+        PPO's ratios compare log-probs of one deterministic policy)."""
+        if tuning.lora is None:
+            return ppo.lm_models(policy_model, reward_model, reward_model)
+        critic = ScalarHeadModel(critic_cfg, trunk=critic_adapted.bind(reward_params["trunk"]))
+        return ppo.lm_models(tuning.adapted.bind(ref_params), critic, reward_model, reference_model=policy_model)
+
     batch_sh = sharding.batch_sharding(mesh)
     # Traced at their first call, outside sharding.use_rules (loop.train gets no mesh): `constrain` is a
     # no-op in them, as it always was in this binary; the sampler applies the rules itself.
 
     @jax.jit
     def score_fn(state, ref_params, reward_params, batch):
-        scored = ppo.score_rollout(models, pcfg, state.params, ref_params, state.critic, reward_params, batch)
+        scored = ppo.score_rollout(make_models(ref_params, reward_params), pcfg, state.params, ref_params,
+                                   state.critic, reward_params, batch)
         adv = ppo.compute_advantages(scored, batch, pcfg, state.kl_ctl.value)
         return {**batch, **scored, **adv}, ppo.rollout_stats(batch, scored, adv, state.kl_ctl.value)
 
-    update_step = jax.jit(ppo.make_update_step(models, pcfg, policy_tx, critic_tx),
-                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    if tuning.lora is None:
+        update_step = jax.jit(ppo.make_update_step(make_models(None, None), pcfg, policy_tx, critic_tx),
+                              in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    else:  # the bases are arguments, never donated
+        lora_update = jax.jit(
+            lambda state, mb, ref, rew: ppo.make_update_step(make_models(ref, rew), pcfg, policy_tx, critic_tx)(
+                state, mb), in_shardings=(state_sh, batch_sh, tuning.base_sh, reward_sh),
+            out_shardings=(state_sh, None), donate_argnums=0)
+        update_step = lambda state, mb: lora_update(state, mb, ref_params, reward_params)
     finish = jax.jit(ppo.update_kl, static_argnums=2, out_shardings=state_sh, donate_argnums=0)
 
     def score(state, batch):
@@ -249,7 +271,8 @@ def main(argv):
             chunk = eval_records[i:i + B]
             # Placed like the rollouts' keys (replicated), so both share one compiled sampler.
             key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.eval.seed), i), state_sh.rng)
-            batch, _ = score(state, rollout(state.params, chunk + [chunk[0]] * (B - len(chunk)), key))
+            batch, _ = score(state, rollout(tuning.full_params(state.params), chunk + [chunk[0]] * (B - len(chunk)),
+                                            key))
             b = sharding.host_copy(batch)  # Every process: rows live on all processes' devices.
             n, mask = len(chunk), b["response_mask"] > 0
             d = np.where(mask, b["old_logp"] - b["ref_logp"], 0.0)
@@ -285,7 +308,7 @@ def main(argv):
         t0 = time.perf_counter()
         records = [prompts[i] for i in indices]
         sample_key, shuffle_key = ppo.iteration_keys(state)
-        batch = rollout(state.params, records, sample_key)
+        batch = rollout(tuning.full_params(state.params), records, sample_key)  # LoRA: merged to sample
         jax.block_until_ready(batch)
         t1 = time.perf_counter()
         rollout_data, stats = score(state, batch)
@@ -321,16 +344,25 @@ def main(argv):
         return {"samples": "\n\n".join(f"**{x['prompt']}** → {x['response']} (score {x['score']:.2f})"
                                        for x in lines)}
 
+    def initial_params():
+        """(policy, critic) at iteration 0: the SFT and reward weights, or fresh adapters (the bases exactly)
+        with the reward model's head on the critic."""
+        if tuning.lora is None:
+            return ref_params, reward_params
+        critic = {"trunk": critic_adapted.init(jax.random.PRNGKey(cfg.train.seed + 1)), "head": reward_params["head"]}
+        return tuning.initial_params(cfg, state_sh.params, None), critic
+
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
     meta = {"stage": "ppo", "model": dataclasses.asdict(policy_cfg), "critic_model": dataclasses.asdict(critic_cfg),
             "tokenizer": local_tokenizer, "config": cfg.to_dict(), "policy_from": cfg.policy_from,
-            "reward_from": cfg.reward_from, "reward_normalization": reward_meta.get("reward_normalization")}
+            "reward_from": cfg.reward_from, "reward_normalization": reward_meta.get("reward_normalization"),
+            **tuning.meta()}
     outcome = loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train, steps=iterations, eval_every=cfg.eval.every),
         desc="ppo", step_fn=step_fn, batches=PromptIterator(len(prompts), B, cfg.data.seed),
-        init_state=lambda: ppo.create_ppo_state(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, mesh,
-                                                cfg.train.seed, ref_params, reward_params)[0],
-        abstract_state=ppo.abstract_ppo_state(policy_model, reward_model, policy_tx, critic_tx, kl_ctl, state_sh),
+        init_state=lambda: ppo.create_ppo_state(tuning.trainable, critic_model, policy_tx, critic_tx, kl_ctl, mesh,
+                                                cfg.train.seed, *initial_params())[0],
+        abstract_state=ppo.abstract_ppo_state(tuning.trainable, critic_model, policy_tx, critic_tx, kl_ctl, state_sh),
         meta=meta, evaluate=evaluate if eval_records else None, initial_eval=initial_eval if eval_records else None,
         hooks=[loop.Hook(cfg.train.sample_every, write_samples)], finite_keys=("policy_loss", "value_loss"),
         progress_keys={"score": "score", "kl": "kl_k1", "beta": "beta", "gold": "gold_score"},

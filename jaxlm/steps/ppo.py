@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxlm import losses, rl, sampling, sharding
+from jaxlm import lora, losses, rl, sampling, sharding
 from jaxlm.train_state import opt_state_shardings
 
 Params = Any
@@ -113,20 +113,22 @@ class PPOModels:
     """The three functions PPO needs; each reads a rollout batch (`sampling.prompt_response_layout`).
 
     ``policy`` gives the logits that predict each response token ``[B, N, V]`` (also used for the
-    reference, with the reference's parameters); ``critic`` the value ``[B, N]`` of the state
-    before each response token; ``reward`` one score ``[B]`` per whole sequence.
+    reference, with the reference's parameters, unless ``reference`` is given: LoRA's reference
+    is the plain model on the base, the adapters off); ``critic`` the value ``[B, N]`` of the
+    state before each response token; ``reward`` one score ``[B]`` per whole sequence.
     """
 
     policy: PolicyFn
     critic: ValueFn
     reward: RewardFn
+    reference: PolicyFn | None = None
 
 
 def _response_width(batch: Batch) -> int:
     return batch["response_mask"].shape[1]
 
 
-def lm_models(policy_model, critic_model, reward_model) -> PPOModels:
+def lm_models(policy_model, critic_model, reward_model, reference_model=None) -> PPOModels:
     """:class:`PPOModels` of our Transformer policy and two :class:`ScalarHeadModel` s.
 
     Position ``P + i - 1`` (the token before response token ``i``) predicts response token ``i``
@@ -136,17 +138,20 @@ def lm_models(policy_model, critic_model, reward_model) -> PPOModels:
     The policy projects only those N positions onto the vocabulary (the model's own head, tied
     or not), not the P prompt positions: the [B, P + N, V] logits and their gradient would cost
     more than the rest of the head's work here. Tested against ``Model.apply``'s logits.
+    ``reference_model`` (LoRA: the plain model, run on the base) scores the reference's log-probs.
     """
     tied = policy_model.cfg.tie_embeddings
 
-    def policy(params, batch):
-        n = _response_width(batch)
-        out = policy_model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 compute_logits=False)
-        hidden = out.hidden[:, -n - 1:-1]  # [B, N, D]
-        head = params["embed"].T if tied else params["lm_head"]  # [D, V]
-        logits = jnp.einsum("BND,DV->BNV", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
-        return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+    def logits_of(model):
+        def policy(params, batch):
+            n = _response_width(batch)
+            out = model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"], compute_logits=False)
+            hidden = out.hidden[:, -n - 1:-1]  # [B, N, D]
+            weights = model.base if isinstance(model, lora.Bound) else params  # LoRA: the frozen base's head
+            head = weights["embed"].T if tied else weights["lm_head"]  # [D, V]
+            logits = jnp.einsum("BND,DV->BNV", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+            return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+        return policy
 
     def critic(params, batch):
         n = _response_width(batch)
@@ -156,7 +161,8 @@ def lm_models(policy_model, critic_model, reward_model) -> PPOModels:
     def reward(params, batch):
         return reward_model.score(params, batch["tokens"], batch["positions"], batch["segment_ids"])  # [B]
 
-    return PPOModels(policy=policy, critic=critic, reward=reward)
+    return PPOModels(policy=logits_of(policy_model), critic=critic, reward=reward,
+                     reference=None if reference_model is None else logits_of(reference_model))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,14 +205,15 @@ def rollout_batch(prompt_tokens, prompt_lengths, sample: sampling.SampleOutput) 
     return batch
 
 
-def rollout_log_probs(models: PPOModels, params, batch: Batch, temperature) -> tuple[jax.Array, jax.Array]:
+def rollout_log_probs(models: PPOModels, params, batch: Batch, temperature, *, reference: bool = False
+                      ) -> tuple[jax.Array, jax.Array]:
     """(log-probs [B, N] of the response tokens, logits [B, N, V]) under ``softmax(logits / T)``.
 
     Unmasked: positions after EOS hold the log-prob of whatever token sits there; multiply or
-    ``where`` by ``batch["response_mask"]`` before summing.
+    ``where`` by ``batch["response_mask"]`` before summing. `reference`: by ``models.reference``.
     """
     n = _response_width(batch)
-    logits = models.policy(params, batch)
+    logits = (models.reference if reference and models.reference is not None else models.policy)(params, batch)
     return losses.token_log_probs(logits, batch["tokens"][:, -n:], temperature), logits
 
 
@@ -222,7 +229,7 @@ def score_rollout(models: PPOModels, cfg: PPOConfig, policy_params, ref_params, 
     reward_params = jax.lax.stop_gradient(reward_params)
     mask = batch["response_mask"] > 0
     logp, logits = rollout_log_probs(models, policy_params, batch, cfg.temperature)
-    ref_logp, _ = rollout_log_probs(models, ref_params, batch, cfg.temperature)
+    ref_logp, _ = rollout_log_probs(models, ref_params, batch, cfg.temperature, reference=True)
     values = models.critic(critic_params, batch).astype(jnp.float32)
     entropy = losses.entropy_from_logits(logits, cfg.temperature)
     zero = lambda x: jnp.where(mask, x, 0.0)
