@@ -15,6 +15,7 @@ import shutil
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
@@ -268,7 +269,10 @@ class Finetuning:
         self.trainable = head(self.adapted) if head else self.adapted
         self.base_sh = sharding.tree_shardings(mesh, self.model.logical_axes(), self.model.abstract_params())
         base, _ = init_source.load_params(base_from, shardings=self.base_sh, flag=flag)
-        self.base = base["trunk"] if isinstance(base, dict) and "head" in base else base
+        base = base["trunk"] if isinstance(base, dict) and "head" in base else base
+        dtype = jnp.dtype(block.get("base_dtype", "float32"))  # frozen: no float32 master copy needed
+        self.base = base if dtype == jnp.float32 else jax.jit(
+            lambda b: jax.tree.map(lambda x: x.astype(dtype), b), out_shardings=self.base_sh)(base)
         n = sum(x.size for x in jax.tree.leaves(self.adapted.abstract_params()))
         print(f"LoRA r={self.lora.rank} α={self.lora.alpha} on {','.join(self.lora.targets)}: {n / 1e6:.3f}M "
               f"trainable parameters on the frozen {base_from}", flush=True)
