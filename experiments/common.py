@@ -256,7 +256,8 @@ class Finetuning:
         self.adapter_dir = block.get("adapter", "") if block is not None else ""
         self.lora = lora.from_config(block)
         if self.adapter_dir:  # a peft adapter to continue: its own rank, alpha and targets
-            self.lora = dataclasses.replace(hf_adapter.read_adapter_config(self.adapter_dir), dropout=block.dropout)
+            self.lora = dataclasses.replace(hf_adapter.read_adapter_config(self.adapter_dir), dropout=block.dropout,
+                                            train_embeddings=bool(block.get("train_embeddings", False)))
         self.model, self.mesh, self.head, self.base_from = Model(model_cfg), mesh, head, base_from
         self.base = None
         if self.lora is None:
@@ -310,10 +311,16 @@ class Finetuning:
                 raise ValueError("--config.lora.adapter: a peft adapter has no reward head; start the reward "
                                  "model's adapters fresh")
             _, adapters = hf_adapter.load_adapter(self.adapter_dir, self.model.cfg)
+            if self.lora.train_embeddings:  # started from the base's, as without an adapter
+                adapters.update({k: self.base[k].astype(jnp.float32) for k in lora.embedding_names(self.model.cfg)})
             print(f"LoRA adapters from {self.adapter_dir}", flush=True)
             return jax.device_put(adapters, shardings)
+        if self.head is None:
+            init = self.adapted.init
+        else:
+            init = lambda rng, base: self.trainable.init(rng, self.adapted.init(rng, base))
         with sharding.use_rules(self.mesh):
-            return jax.jit(self.trainable.init, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed))
+            return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(cfg.train.seed), self.base)
 
     def full_params(self, params):
         """Whole weights for sampling and evaluation: `params`, or the adapters merged onto the base."""

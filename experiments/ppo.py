@@ -349,7 +349,8 @@ def main(argv):
         with the reward model's head on the critic."""
         if tuning.lora is None:
             return ref_params, reward_params
-        critic = {"trunk": critic_adapted.init(jax.random.PRNGKey(cfg.train.seed + 1)), "head": reward_params["head"]}
+        critic = {"trunk": critic_adapted.init(jax.random.PRNGKey(cfg.train.seed + 1), reward_params["trunk"]),
+                  "head": reward_params["head"]}
         return tuning.initial_params(cfg, state_sh.params, None), critic
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)

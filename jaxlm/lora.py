@@ -56,12 +56,18 @@ RANK_AXIS = "lora_rank"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
-    """Rank r, alpha α (the update is scaled by α / r), dropout on the adapters' input, targets."""
+    """Rank r, alpha α (the update is scaled by α / r), dropout on the adapters' input, targets.
+
+    `train_embeddings`: the embedding table (and an untied output head) train in full beside the
+    adapters, started from the base's (peft's `modules_to_save=["embed_tokens", "lm_head"]`): what
+    a base needs to learn tokens it has never produced, e.g. a chat format's markers.
+    """
 
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
     targets: tuple[str, ...] = tuple(TARGETS)
+    train_embeddings: bool = False
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -83,7 +89,8 @@ def from_config(block) -> LoraConfig | None:
         return None
     targets = tuple(t.strip() for t in block.targets.split(",") if t.strip())
     try:
-        return LoraConfig(rank=block.rank, alpha=block.alpha, dropout=block.dropout, targets=targets)
+        return LoraConfig(rank=block.rank, alpha=block.alpha, dropout=block.dropout, targets=targets,
+                          train_embeddings=bool(block.get("train_embeddings", False)))
     except ValueError as e:
         raise ValueError(f"--config.lora.*: {e}") from None
 
@@ -127,8 +134,20 @@ def delta(adapter: Params, scale: float) -> jax.Array:
     return scale * jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))(adapter["a"], adapter["b"])
 
 
+def embedding_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The parameters `train_embeddings` trains in full: the table, and the output head if untied."""
+    return ("embed",) if cfg.tie_embeddings else ("embed", "lm_head")
+
+
+def with_trained(base: Params, params: Params) -> Params:
+    """The base with the fully trained parameters of `params` (embeddings, if any) in their place."""
+    return {**base, **{k: params[k].astype(base[k].dtype) for k in ("embed", "lm_head") if k in params}}
+
+
 def merge(base: Params, adapters: Params, lcfg: LoraConfig) -> Params:
-    """The base's params with every adapted weight replaced by W + (α/r)·A·B (a new tree; same dtypes)."""
+    """The base's params with every adapted weight replaced by W + (α/r)·A·B, and trained embeddings
+    in place (a new tree; the base's dtypes)."""
+    base = with_trained(base, adapters)
     blocks = {g: dict(v) for g, v in base["blocks"].items()}
     for group, named in adapters["blocks"].items():
         for name, adapter in named.items():
@@ -150,14 +169,28 @@ class Adapted:
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.cfg, self.lora))
 
-    def init(self, rng: jax.Array) -> Params:
-        return init_adapters(self.cfg, self.lora, rng)
+    def init(self, rng: jax.Array, base: Params | None = None) -> Params:
+        """Fresh adapters (B = 0); with `train_embeddings`, the base's embeddings (float32) beside them."""
+        adapters = init_adapters(self.cfg, self.lora, rng)
+        if not self.lora.train_embeddings:
+            return adapters
+        if base is None:
+            raise ValueError("LoRA with train_embeddings starts from the base's embeddings: pass the base")
+        return {**adapters, **{k: base[k].astype(jnp.float32) for k in embedding_names(self.cfg)}}
 
     def abstract_params(self) -> Params:
-        return jax.eval_shape(self.init, jax.random.PRNGKey(0))
+        tree = jax.eval_shape(lambda rng: init_adapters(self.cfg, self.lora, rng), jax.random.PRNGKey(0))
+        if self.lora.train_embeddings:
+            model = self.base_model.abstract_params()
+            tree.update({k: model[k] for k in embedding_names(self.cfg)})
+        return tree
 
     def logical_axes(self) -> Params:
-        return adapter_axes(self.cfg, self.lora)
+        axes = adapter_axes(self.cfg, self.lora)
+        if self.lora.train_embeddings:
+            model = self.base_model.logical_axes()
+            axes.update({k: model[k] for k in embedding_names(self.cfg)})
+        return axes
 
     def bind(self, base: Params, dropout_rng: jax.Array | None = None) -> "Bound":
         return Bound(self, base, dropout_rng)
@@ -183,9 +216,13 @@ class Bound:
                               is_leaf=lambda x: isinstance(x, dict) and "a" in x)
         return Adapters(scaled, lcfg.dropout, self.dropout_rng if lcfg.dropout > 0 else None)
 
+    def weights(self, params: Params) -> Params:
+        """The model's weights this handle runs (adapters aside): the base, with trained embeddings if any."""
+        return with_trained(self.base, params)
+
     def apply(self, params: Params, tokens, positions=None, segment_ids=None, cache=None, compute_logits=True):
-        return self.adapted.base_model.apply(self.base, tokens, positions, segment_ids, cache, compute_logits,
-                                             adapters=self.adapters(params))
+        return self.adapted.base_model.apply(self.weights(params), tokens, positions, segment_ids, cache,
+                                             compute_logits, adapters=self.adapters(params))
 
 
 # A salt folded into the step's key for the dropout masks: other users of the key (PPO's sampling)

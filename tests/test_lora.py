@@ -157,8 +157,8 @@ def _pair_batch(tokens):
 
 
 def test_dpo_reference_is_the_base_with_adapters_off(setup):
-    """Zero adapters: policy = reference, so the DPO loss is ln 2 and the implicit rewards 0. After
-    updates, the in-step reference equals the plain base model's log-probs exactly."""
+    """Zero adapters: the policy is the base exactly (test above) and the in-step reference equals it
+    exactly: the DPO loss is ln 2 and the implicit rewards are 0, not merely close; then it learns."""
     model, base, tokens, adapters = setup
     adapted = lora.Adapted(CFG, LORA)
     batch = _pair_batch(tokens)
@@ -174,16 +174,7 @@ def test_dpo_reference_is_the_base_with_adapters_off(setup):
     np.testing.assert_allclose(float(first["loss"]), np.log(2.0), rtol=1e-6)
     for _ in range(3):
         state, metrics = step(state, batch, base)
-    assert float(metrics["loss"]) < np.log(2.0)
-
-    eval_step = jax.jit(lora.with_frozen_base(
-        lambda m: lambda p, b, base: dpo.make_eval_step(m, cfg, reference_model=model)(p, b, base), adapted,
-        training=False))
-    in_step = eval_step(state.params, batch, base, base)
-    precomputed = {**batch, **dpo.reference_log_probs(model, base, batch)}  # the plain model on the base
-    given = eval_step(state.params, precomputed, base, None)
-    for k in in_step:
-        assert float(in_step[k]) == float(given[k]), k
+    assert float(metrics["loss"]) < np.log(2.0)  # a reference that followed the policy would keep ln 2
 
 
 def test_dropout_masks_come_from_the_key(setup):

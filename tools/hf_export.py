@@ -52,6 +52,9 @@ def main(argv):
             raise SystemExit("hf_export: --adapter writes a causal LM's adapter; a reward model's head has no "
                              "peft form here: export it merged (without --adapter)")
         lcfg = lora.config_of_meta(meta["lora"])
+        if lcfg.train_embeddings:
+            raise SystemExit("hf_export: this run also trained its embeddings, which a peft LoRA adapter here does "
+                             "not carry: export it merged (without --adapter)")
         adapter.save_adapter(_OUT.value, ModelConfig(**meta["model"]), lcfg, adapters, base_model=hf.strip_prefix(meta["lora"]["base"]))
         print(f"wrote {_OUT.value}: peft LoRA adapter (r={lcfg.rank}, alpha={lcfg.alpha}, {','.join(lcfg.targets)}) "
               f"of {meta['lora']['base']}", flush=True)

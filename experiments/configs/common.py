@@ -48,6 +48,7 @@ def lora() -> ml_collections.ConfigDict:
     """LoRA adapters on a frozen base (jaxlm.lora); rank 0 = full fine-tuning. targets: any of
     q,k,v,o,gate,up,down. The base is the stage's init_from (policy_from in PPO). adapter: a peft
     adapter directory to start from (its r, alpha and targets replace rank, alpha and targets).
-    base_dtype: how the frozen base is stored (bfloat16 halves it; the adapters stay float32)."""
+    base_dtype: how the frozen base is stored (bfloat16 halves it; the adapters stay float32).
+    train_embeddings: also train the embeddings (and an untied head) in full, from the base's."""
     return ml_collections.ConfigDict(dict(rank=0, alpha=32.0, dropout=0.0, targets="q,k,v,o,gate,up,down",
-                                          adapter="", base_dtype="float32"))
+                                          adapter="", base_dtype="float32", train_embeddings=False))

@@ -147,7 +147,7 @@ def lm_models(policy_model, critic_model, reward_model, reference_model=None) ->
             n = _response_width(batch)
             out = model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"], compute_logits=False)
             hidden = out.hidden[:, -n - 1:-1]  # [B, N, D]
-            weights = model.base if isinstance(model, lora.Bound) else params  # LoRA: the frozen base's head
+            weights = model.weights(params) if isinstance(model, lora.Bound) else params  # LoRA: the base's head
             head = weights["embed"].T if tied else weights["lm_head"]  # [D, V]
             logits = jnp.einsum("BND,DV->BNV", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
             return sharding.constrain(logits, ("batch", "length", "act_vocab"))
