@@ -60,7 +60,9 @@ NEEDED_STAGES = ("data", "tokenizer", "pretrain", "sft", "preferences", "reward"
 STUDY_NEEDS = {"kl": ("data", "sft", "reward", "ppo"), "clip": ("data", "sft", "reward", "ppo"),
                "dpo": ("data", "preferences", "sft", "reward", "ppo", "dpo"),
                "facts": ("data", "tokenizer", "pretrain", "sft"), "scale": ("data", "tokenizer", "pretrain"),
-               "reward": ("data", "tokenizer", "pretrain", "preferences", "reward")}
+               "reward": ("data", "tokenizer", "pretrain", "preferences")}
+# Stages whose config a study's runs start from, but not their results: running is enough (config.json).
+STUDY_CONFIGS = {"reward": ("reward",)}
 STUDIES = tuple(STUDY_NEEDS)
 # PPO runs skip their own held-out evals: every policy is evaluated once, the same way, afterwards.
 NO_EVAL = ("--config.eval.every=0",)
@@ -508,9 +510,11 @@ class Studies:
 
     def check_stages(self, study: str):
         missing = [s for s in STUDY_NEEDS[study] if not os.path.exists(self.pipe(s, "DONE"))]
+        missing += [s for s in STUDY_CONFIGS.get(study, ()) if not os.path.exists(self.pipe(s, "config.json"))]
         if missing:
-            raise RuntimeError(f"study {study} starts from the pipeline's stage(s) {missing}, not finished in "
-                               f"{self.pipeline_dir} (no DONE); finish them with experiments.pipeline, then rerun")
+            raise RuntimeError(f"study {study} starts from the pipeline's stage(s) {missing}, not finished (no DONE) "
+                               f"or not started (no config.json) in {self.pipeline_dir}; run them with "
+                               "experiments.pipeline, then rerun")
 
     def run(self, name: str, stage: str, *run_flags: str, extra: str = "") -> str:
         """DIR/runs/<name>/<stage>: the pipeline's `stage` run again with `run_flags`; skipped when DONE."""
