@@ -212,9 +212,14 @@ def scale_sentences(m: dict) -> tuple[str, str, str]:
              "to picking the right one.")
     v_rise, v_copy = judged(m["rise"]), judged(m["above_copy"])
     points = "; ".join(f"{label} {pt['accuracy'][0]:.3f} ({flops(pt['flops'])})" for label, pt in m["points"].items())
+    shares = [pt["copied"] for pt in m["points"].values() if "copied" in pt]
+    copying = (f" Share of answers that are some value the context states: {shares[0]:.3f} at the smallest compute, "
+               f"{shares[-1]:.3f} at the largest (a context-blind pick from the pool: {m['blind_copy']:.3f})."
+               if shares and "blind_copy" in m else "")
     measured = (f"Cloze accuracy on {m['items']} made-up contexts (chance {m['chance']:.3f}, copying a random context "
                 f"value {m['copy']:.3f}): {points}. Largest minus smallest compute: {pm(m['rise'])}, {v_rise}; "
-                f"largest compute minus copying: {pm(m['above_copy'])}, {v_copy}. Verdict ({RULE}; both parts): "
+                f"largest compute minus copying: {pm(m['above_copy'])}, {v_copy}.{copying} "
+                f"Verdict ({RULE}; both parts): "
                 f"{weakest(v_rise, v_copy)}.")
     return claim, measured, weakest(v_rise, v_copy)
 
@@ -770,6 +775,7 @@ class Studies:
         copy = float(np.mean([1.0 / len(i.in_context) for i in items]))
         hi, lo = points[labels[-1]]["correct"], points[labels[0]]["correct"]
         m = {"items": len(items), "points": points, "chance": chance, "copy": copy,
+             "blind_copy": float(np.mean([len(i.in_context) / len(i.candidates) for i in items])),
              "rise": paired(hi, lo), "above_copy": paired(hi, [1.0 / len(i.in_context) for i in items])}
         plot = plot_scale(self.path("plots", "scale.png"), points, chance, copy)
         for pt in points.values():
