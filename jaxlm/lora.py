@@ -171,11 +171,11 @@ class Adapted:
 
     def init(self, rng: jax.Array, base: Params | None = None) -> Params:
         """Fresh adapters (B = 0); with `train_embeddings`, the base's embeddings (float32) beside them."""
+        if self.lora.train_embeddings and base is None:
+            raise ValueError("LoRA with train_embeddings starts from the base's embeddings: pass the base")
         adapters = init_adapters(self.cfg, self.lora, rng)
         if not self.lora.train_embeddings:
             return adapters
-        if base is None:
-            raise ValueError("LoRA with train_embeddings starts from the base's embeddings: pass the base")
         return {**adapters, **{k: base[k].astype(jnp.float32) for k in embedding_names(self.cfg)}}
 
     def abstract_params(self) -> Params:

@@ -91,6 +91,21 @@ def test_merge_is_w_plus_scaled_ab_on_the_targets_only(setup):
     assert set(adapters["blocks"]) == {"attn", "mlp"} and set(adapters["blocks"]["mlp"]) == {"w_down"}
 
 
+def test_trained_embeddings_start_from_the_base_and_replace_it_when_merged(setup):
+    _, base, _, _ = setup
+    lcfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("v",), train_embeddings=True)
+    adapted = lora.Adapted(CFG, lcfg)  # untied: the table and the output head
+    assert set(adapted.abstract_params()) == {"blocks", "embed", "lm_head"}
+    assert adapted.logical_axes()["lm_head"] == ("embed", "vocab")
+    with pytest.raises(ValueError, match="pass the base"):
+        adapted.init(jax.random.PRNGKey(0))
+    params = _normal_tree(adapted.abstract_params(), 5, 0.05)
+    merged = lora.merge(base, params, lcfg)
+    np.testing.assert_array_equal(np.asarray(merged["embed"]), np.asarray(params["embed"]))
+    np.testing.assert_array_equal(np.asarray(merged["lm_head"]), np.asarray(params["lm_head"]))
+    np.testing.assert_array_equal(np.asarray(merged["blocks"]["attn"]["wq"]), np.asarray(base["blocks"]["attn"]["wq"]))
+
+
 def test_adapters_carry_logical_axes():
     axes = lora.adapter_axes(CFG, LORA)["blocks"]
     assert axes["attn"]["wq"] == {"a": ("layers", "embed", "lora_rank"), "b": ("layers", "lora_rank", "heads", "head_dim")}
