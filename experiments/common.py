@@ -247,8 +247,10 @@ class Finetuning:
     `trainable` is `lora.Adapted` (the train state holds the adapters only; the reward model's
     adds its head through `head`), and the frozen base, loaded from `base_from` on its own
     shardings, is an extra argument of every jitted step, never donated. Each stage calls the
-    same four things: `state_shardings`, `jit_step`/`jit_eval`, `initial_params`, and
+    same few things: `state_shardings`, `jit_step`/`jit_eval`, `initial_params`, `meta`, and
     `full_params(params)` for sampling and evaluation (the adapters merged onto the base).
+    A stage whose step needs the frozen base itself (DPO's reference) reads it from the bound
+    handle, `model.base`. A resumed run reloads the base from `base_from`.
     """
 
     def __init__(self, cfg, model_cfg: ModelConfig, mesh, *, base_from: str, head=None, flag: str = "init_from"):
