@@ -7,11 +7,13 @@
 
 Each iteration samples 8 completions for each of 8 reasoning prompts ("What is 3 plus 1 plus 5
 plus 2?"), rewards each with the TinyWorld verifier (1: the right sum after any think block),
-and takes 2 optimizer steps per rollout batch with group-relative advantages. Expected: the SFT
-model mostly answers in one go and is right well under half the time; the completions that write
-their steps first in a <think> block are right more often, so GRPO makes thinking the habit and
-greedy accuracy on held-out reasoning prompts (`eval_accuracy`, logged at step 0 for the SFT
-model) rises, with the completions getting longer. Measured figures: README / BUILD_NOTES.
+and takes 2 optimizer steps per rollout batch with group-relative advantages. Measured in the
+default pipeline (2026-12-03, /tmp/grpo_pipe2, 2 cores shared with other jobs at load ~15: 434 s):
+greedy accuracy on 128 held-out reasoning prompts (`eval_accuracy`, step 0 = the SFT model)
+0.156 → 0.219 (step 20) → 0.484 (step 40), KL k1 2.3 nats per answer. Not by thinking: the SFT
+model's think steps copy and add badly (right 13% of the time at T = 1, against 19% for answers in
+one go), so GRPO drops the <think> block (22% of sampled answers at first, 0% from iteration 13)
+and learns to add in one go; completions shrink from ~15 to ~8 tokens.
 Other rewards: --config.rewards='mymodule:myfn=1.0,jaxlm.rewards:think_format=0.1'; a learned
 reward model: --config.reward_model.path=REWARD_WORKDIR (or hf:PATH).
 """
