@@ -225,7 +225,7 @@ def test_cloze_choice_is_the_candidate_with_the_highest_log_probability():
 def test_smoke_run_writes_every_plot_and_sentence_and_a_rerun_skips(tmp_path):
     cmd = [sys.executable, "-m", "experiments.studies", f"--workdir={tmp_path}",
            "--config=experiments/configs/studies_smoke.py"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     text = open(tmp_path / "studies.md").read()
     for study in studies.STUDIES:
