@@ -226,17 +226,28 @@ def _quiet_cancelled_reads() -> None:
     """After a failed restore, tensorstore's reads still in flight call back into orbax's closed
     event loop and print one traceback each (hundreds for a model); those say nothing more than the
     one-line warning does, so they are dropped. Every other uncaught exception prints as before."""
-    if getattr(sys.excepthook, "_jaxlm_quiet", False):
-        return
-    previous = sys.excepthook
+    if not getattr(sys.excepthook, "_jaxlm_quiet", False):
+        previous_except = sys.excepthook
 
-    def hook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        previous(kind, value, tb)
+        def excepthook(kind, value, tb):
+            if not _cancelled_read(value):
+                previous_except(kind, value, tb)
 
-    hook._jaxlm_quiet = True
-    sys.excepthook = hook
+        excepthook._jaxlm_quiet = True
+        sys.excepthook = excepthook
+    if not getattr(sys.unraisablehook, "_jaxlm_quiet", False):  # how they mostly arrive ("Exception ignored")
+        previous_unraisable = sys.unraisablehook
+
+        def unraisablehook(unraisable):
+            if not _cancelled_read(unraisable.exc_value):
+                previous_unraisable(unraisable)
+
+        unraisablehook._jaxlm_quiet = True
+        sys.unraisablehook = unraisablehook
+
+
+def _cancelled_read(error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def model_kind(params) -> str:
