@@ -88,7 +88,7 @@ def test_margin_and_soft_labels_match_hand_values(rm_setup):
     for m in (0.0, 0.7):
         batch["margin"] = np.full(4, m, np.float32)
         expected = {False: -_log_sigmoid(delta - m),
-                    True: -label * _log_sigmoid(delta - m) - (1 - label) * _log_sigmoid(m - delta)}
+                    True: -label * _log_sigmoid(delta - m) - (1 - label) * _log_sigmoid(-delta - m)}  # symmetric
         for soft, per_pair in expected.items():
             _, metrics = s["steps"][soft](_state(params, sgd), batch)
             np.testing.assert_allclose(float(metrics["loss"]), per_pair[:3].mean(), rtol=1e-5)
