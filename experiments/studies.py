@@ -845,9 +845,9 @@ class Studies:
             section.plot = os.path.relpath(section.plot, self.dir)
             write_json(self.path(study, "result.json"), dataclasses.asdict(section))
             write_json(done, {"seconds": time.perf_counter() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-            write_studies_md(self.dir, self.order)
+            write_studies_md(self.dir, list(dict.fromkeys([*self.order, *STUDIES])))
             print(f"{header}: {section.verdict} ({time.perf_counter() - t0:.0f}s)\n  {section.measured}", flush=True)
-        out = write_studies_md(self.dir, self.order)
+        out = write_studies_md(self.dir, list(dict.fromkeys([*self.order, *STUDIES])))
         print(f"\nStudies written to {out}" + (f"; failed: {failed} (rerun to retry)" if failed else ""), flush=True)
         return failed
 
