@@ -95,7 +95,7 @@ def _data_file(c: dict, name: str, default_dir: str) -> str:
     return os.path.join(c.get("data", {}).get("dir") or default_dir, name)
 
 
-def _stage_facts(pipeline_dir: str, stage: str, cfg: ModelConfig, results: dict[str, dict]) -> dict[str, Any] | None:
+def stage_facts(pipeline_dir: str, stage: str, cfg: ModelConfig, results: dict[str, dict]) -> dict[str, Any] | None:
     """{data, flops, challenge} of one finished stage, or None if its config is missing."""
     d = os.path.join(pipeline_dir, stage)
     c = _read_json(os.path.join(d, "config.json"))
@@ -187,7 +187,7 @@ def comparison_table(pipeline_dir: str, results: dict[str, dict], timings: dict[
     for stage, (title, goal, supervision) in GOALS.items():
         if not os.path.exists(os.path.join(pipeline_dir, stage, "DONE")):
             continue
-        facts = _stage_facts(pipeline_dir, stage, cfg, results)
+        facts = stage_facts(pipeline_dir, stage, cfg, results)
         if facts is None:
             continue
         seconds = timings.get(stage)

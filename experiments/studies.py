@@ -588,7 +588,7 @@ class Studies:
         from jaxlm import init_source
         from jaxlm.model import ModelConfig
         cfg = ModelConfig(**init_source.load_meta(run_dir)["model"])
-        facts = comparison._stage_facts(os.path.dirname(run_dir), os.path.basename(run_dir), cfg, {})
+        facts = comparison.stage_facts(os.path.dirname(run_dir), os.path.basename(run_dir), cfg, {})
         return float(facts["flops"]) if facts else float("nan")
 
     # --- the studies ----------------------------------------------------------------------------
