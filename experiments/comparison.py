@@ -12,7 +12,10 @@ the step computes over (rows × length, padding included), so the figure is the 
 the real tokens seen. Sampling is counted as one forward pass per prompt and generated slot;
 PPO adds its four scoring passes (policy, reference, critic, reward model) and the updates of
 policy and critic per epoch; DPO its reference pass; CAI the generation of its answers,
-critiques and revisions. The FLOP counts are estimates of that formula, not profiler readings.
+critiques and revisions; GRPO its sampling (every call, refills included), the reference pass when
+β > 0 (the old log-probs come from the sampler: no pass) and its updates. Device-seconds are the
+stage's wall time × the devices its run saw (config.json's `devices`, written by the loop). The
+FLOP counts are estimates of that formula, not profiler readings.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 from typing import Any, Callable
 
+from jaxlm.data import chat
 from jaxlm.model import ModelConfig
 
 GOALS = {
@@ -31,6 +35,8 @@ GOALS = {
     "dpo": ("DPO", "prefer chosen over rejected answers, staying near SFT", "preference classification on the policy"),
     "cai": ("Constitutional AI", "critique and revise its own answers by principles, then learn the revisions",
             "self-generated supervision (SL-CAI)"),
+    "grpo": ("GRPO (reasoning)", "answer checkable problems correctly, rewarded by a program",
+             "reinforcement learning from a verifier (critic-free: the group's mean is the baseline)"),
 }
 
 
@@ -173,9 +179,44 @@ def stage_facts(pipeline_dir: str, stage: str, cfg: ModelConfig, results: dict[s
         refusals = lambda name: results.get(name, {}).get("summary", {}).get("refusal_rate/harmless")
         challenge = (f"harmless without refusing everything: red-team rude/harmful SFT {fmt(red('SFT'))} → CAI "
                      f"{fmt(red('CAI'))}; refuses harmless SFT {fmt(refusals('SFT'))} → CAI {fmt(refusals('CAI'))}")
+    elif stage == "grpo":
+        P, G, iters = c["rollout"]["prompts"], c["rollout"]["group_size"], c["train"]["iterations"]
+        new = c["rollout"]["max_new_tokens"]
+        T = c["data"]["max_prompt_len"] + new
+        train_rows = [r for r in metrics if "accuracy" in r]
+        calls = sum(1 + int(r.get("refills", 0)) for r in train_rows) or iters  # sampler calls, refills too
+        sampled, trained = calls * P * G, iters * P * G
+        fwd = forward_flops_per_slot(cfg, T) * T  # one completion's row
+        sampling = fwd * sampled
+        scoring = fwd * trained if c["grpo"]["beta"] > 0 else 0.0  # the frozen reference
+        if c.get("reward_model", {}).get("path"):
+            scoring += fwd * sampled  # a learned reward scores every sampled completion
+        flops = sampling + scoring + c["grpo"]["epochs"] * 3 * fwd * trained
+        prompts_file = c["data"].get("prompts_file") or os.path.join(c["data"].get("dir") or data_dir,
+                                                                     "reasoning_prompts.jsonl")
+        data = (f"{_num(_count_lines(prompts_file))} prompts with checkable answers; {_num(sampled)} completions "
+                f"sampled ({iters} iterations × {P} prompts × {G}, {calls - iters} refill calls), ≤ {new} new tokens "
+                f"each; sampling {_num(sampling, 'FLOP')} of the total")
+        reasoning = lambda name: [r for r in results.get(name, {}).get("records", []) if r["family"] == "reasoning"]
+        accuracy = lambda name: (sum(r.get("parts", {}).get("correct", 0.0) >= 1.0 for r in reasoning(name))
+                                 / len(reasoning(name)) if reasoning(name) else None)
+        thinks = lambda name: (sum(chat.split_reasoning(r["response"]).has_block for r in reasoning(name))
+                               / len(reasoning(name)) if reasoning(name) else None)
+        lengths = [r["completion_length"] for r in train_rows if "completion_length" in r]
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
+        challenge = (f"reward from a program, not a judge of reasoning: reasoning accuracy (greedy) SFT "
+                     f"{fmt(accuracy('SFT'))} → GRPO {fmt(accuracy('GRPO'))}; completion length "
+                     f"{fmt(mean(lengths[:5]), 1)} → {fmt(mean(lengths[-5:]), 1)} tokens (first and last 5 "
+                     f"iterations); answers that think SFT {fmt(thinks('SFT'), 2)} → GRPO {fmt(thinks('GRPO'), 2)}")
     else:
         return None
     return {"data": data, "flops": flops, "challenge": challenge}
+
+
+def device_count(pipeline_dir: str, stage: str) -> int | None:
+    """The devices the stage's run saw (all processes), from its config.json; None for older runs."""
+    devices = _read_json(os.path.join(pipeline_dir, stage, "config.json")).get("devices") or {}
+    return devices.get("count")
 
 
 def comparison_table(pipeline_dir: str, results: dict[str, dict], timings: dict[str, float]) -> str:
@@ -190,10 +231,12 @@ def comparison_table(pipeline_dir: str, results: dict[str, dict], timings: dict[
         facts = stage_facts(pipeline_dir, stage, cfg, results)
         if facts is None:
             continue
-        seconds = timings.get(stage)
+        seconds, devices = timings.get(stage), device_count(pipeline_dir, stage)
         speed = f" ({_num(facts['flops'] / seconds, 'FLOP/s')})" if seconds else ""
+        device_seconds = f"; {devices * seconds:.0f} device-seconds ({devices} × {seconds:.0f} s)" if (
+            seconds and devices) else ""
         columns.append((title, {"goal": goal, "data": facts["data"], "supervision": supervision,
-                                "compute": f"{_num(facts['flops'], 'FLOP')}{speed}",
+                                "compute": f"{_num(facts['flops'], 'FLOP')}{speed}{device_seconds}",
                                 "wall time": "–" if seconds is None else f"{seconds:.0f} s",
                                 "key challenge, measured": facts["challenge"]}))
     if not columns:

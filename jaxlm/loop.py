@@ -32,6 +32,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -39,10 +40,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 
-from jaxlm import checkpoint, metrics as metrics_lib, sharding
+from jaxlm import checkpoint, lora, metrics as metrics_lib, sharding
 
 Metrics = dict[str, float]
 DATA_WAIT_GRACE_S = 10  # After SIGTERM, how long a wait for the next batch may last before the process exits.
+STALL_TIMEOUT_S = 300  # After SIGTERM, how long the loop may make no progress (no step, eval or save done:
+#                         a collective waiting for a process that is gone) before the process exits.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,9 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
     """
     steps = cadence.steps
     meta = checkpoint.relative_run_paths(meta, workdir)
+    if ckpt.latest_step() is not None and "lora" in meta:  # a LoRA run resumes only on the base it started on
+        lora.check_same_base(ckpt.restore_meta().get("lora", {}).get("base_fingerprint"),
+                             meta["lora"].get("base_fingerprint") or {}, run=workdir, base=meta["lora"]["base"])
     start_step, state = _restore_or_init(ckpt, abstract_state, batches, init_state)
     if start_step > steps:
         ckpt.close()
@@ -162,9 +168,11 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
                         values.update(hook.fn(state, step) or {})
                     _write(writer, step, values)
                     progress.update(0, **{name: values[k] for name, k in progress_keys.items() if k in values})
+                    stop.beat()
                 if save_now and not (last and finalize is not None):
                     ckpt.save(step, state, data_iterator=batches, meta=meta)
                     last_saved = step
+                    stop.beat()
                 if stopping:
                     break
                 crash_if_asked(step, cadence.crash_after_step, ckpt)
@@ -173,12 +181,12 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
             state, extra = finalize(state)
             ckpt.save(steps, state, data_iterator=batches, meta={**meta, **extra})
             last_saved = steps
+        ckpt.close()  # Waits for the last save; SIGTERM's watchdog still covers a save that never ends.
     except NonFiniteLoss as e:
         writer.close()
         exit_on_non_finite(e, ckpt, progress)
     finally:
         stop.restore()
-    ckpt.close()
     progress.close()
     if stopping:
         writer.close()
@@ -196,14 +204,18 @@ def train(workdir: str, ckpt: checkpoint.Checkpointer, cadence: Cadence, *, step
 
 
 def write_config(workdir: str, meta: Mapping[str, Any]) -> None:
-    """WORKDIR/config.json = {"stage", **meta["config"]} (process 0, atomically), written once the run
-    has started: a command that failed before (bad data, bad flags) leaves the run's own untouched."""
+    """WORKDIR/config.json = {"stage", "devices", **meta["config"]} (process 0, atomically), written
+    once the run has started: a command that failed before (bad data, bad flags) leaves the run's own
+    untouched. `devices` (count over all processes, processes, platform) is what the run saw, so a
+    report can turn wall time into device-seconds."""
     if jax.process_index() != 0:
         return
     path = os.path.join(workdir, "config.json")
     tmp = f"{path}.tmp.{os.getpid()}"
+    devices = {"count": jax.device_count(), "processes": jax.process_count(), "platform": jax.default_backend()}
     with open(tmp, "w") as f:
-        json.dump({"stage": meta.get("stage"), **(meta.get("config") or {})}, f, indent=2, default=str)
+        json.dump({"stage": meta.get("stage"), "devices": devices, **(meta.get("config") or {})}, f, indent=2,
+                  default=str)
     os.replace(tmp, path)
 
 
@@ -221,29 +233,43 @@ class StopSignal:
     the processes exchange their flags every `sync_every` steps (a tiny all-gather, and a host
     sync: pick a step the loop syncs at anyway, e.g. its logging interval) and stop together.
 
-    A SIGTERM must end the process even when the loop never gets to check: while the loop waits
-    for a batch (a data pipeline that filters out every record spins forever), the process exits
-    with status 143, unsaved, if no batch came `DATA_WAIT_GRACE_S` seconds after the signal; a
-    second SIGTERM exits at once.
+    A SIGTERM must end the process even when the loop never gets to check. Python runs signal
+    handlers in the main thread only, between bytecodes, so a main thread blocked inside XLA (a
+    collective waiting for a process that is gone) never runs one: the C-level handler also writes
+    the signal's number to a socket (`signal.set_wakeup_fd`), and a thread reading it counts the
+    SIGTERMs. After the first, a watchdog exits the process (status 143, unsaved, one line saying
+    why) when the loop makes no progress: no batch `DATA_WAIT_GRACE_S` seconds into a wait for one
+    (a data pipeline that filters out every record spins forever), no step, eval or save finished
+    for `STALL_TIMEOUT_S`; a second SIGTERM exits at once.
     """
+
+    live = 0  # StopSignals watching now (a forked child stops reporting to their sockets)
 
     def __init__(self, sync_every: int = 1):
         self.requested = False
         self.sync_every = max(1, sync_every)
         self._waiting = False
-        self._waits = 0  # which wait for a batch this is: a watch expires only on the wait it began in
+        self._progress = time.monotonic()  # when the loop last began a step or finished a piece of one
+        self._closed = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)  # the C handler must never block
+        self._previous_wakeup = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        StopSignal.live += 1
+        threading.Thread(target=self._count_signals, daemon=True, name="sigterm-watch").start()
 
     @contextlib.contextmanager
     def waiting_for_data(self):
-        self._waits += 1
+        self.beat()
         self._waiting = True
-        if self.requested:
-            self._watch()
         try:
             yield
         finally:
             self._waiting = False
+
+    def beat(self):
+        """The loop made progress (the watchdog's clock restarts)."""
+        self._progress = time.monotonic()
 
     def check(self, step: int) -> bool:
         """Whether every process stops after `step` (call it on every process, every step)."""
@@ -252,28 +278,63 @@ class StopSignal:
         return step % self.sync_every == 0 and sharding.any_process(self.requested)
 
     def _handle(self, signum, frame):
-        if self.requested:
-            print("\nA second SIGTERM: exiting now, without saving.", file=sys.stderr, flush=True)
-            os._exit(128 + signal.SIGTERM)
+        # In the main thread, when it can run: the flag at once. Messages, counting and exits are
+        # the watch thread's, which sees every SIGTERM, also those this handler never runs for.
         self.requested = True
-        print("\nSIGTERM received: saving a checkpoint and exiting.", file=sys.stderr, flush=True)
-        if self._waiting:
-            self._watch()
 
-    def _watch(self):
-        """Exit (143, unsaved) unless the batch being waited for arrives within DATA_WAIT_GRACE_S."""
-        wait = self._waits
+    def _count_signals(self):
+        received = 0
+        while True:
+            try:
+                data = self._reader.recv(64)
+            except OSError:
+                data = b""
+            if not data:  # restore() closed the socket
+                self._reader.close()
+                return
+            for _ in range(data.count(bytes([signal.SIGTERM]))):  # other signals' numbers come here too
+                received += 1
+                if received > 1:
+                    _hard_exit("A second SIGTERM: exiting now, without saving.")
+                self.requested = True
+                print("\nSIGTERM received: saving a checkpoint and exiting (a second SIGTERM exits at once, "
+                      "unsaved).", file=sys.stderr, flush=True)
+                threading.Thread(target=self._watchdog, daemon=True, name="sigterm-watchdog").start()
 
-        def expire():
-            time.sleep(DATA_WAIT_GRACE_S)
-            if self._waiting and self._waits == wait:
-                print(f"\nSIGTERM: no batch came in {DATA_WAIT_GRACE_S}s (does the data filter out every record?); "
-                      "exiting without saving.", file=sys.stderr, flush=True)
-                os._exit(128 + signal.SIGTERM)
-        threading.Thread(target=expire, daemon=True).start()
+    def _watchdog(self):
+        """Exit (143, unsaved) when the loop makes no progress after SIGTERM (see the class docstring)."""
+        signalled = time.monotonic()
+        while not self._closed:
+            time.sleep(0.1)
+            idle = time.monotonic() - max(signalled, self._progress)
+            if self._waiting and idle > DATA_WAIT_GRACE_S and not self._closed:
+                _hard_exit(f"SIGTERM: no batch came in {DATA_WAIT_GRACE_S}s (does the data filter out every "
+                           "record?); exiting without saving.")
+            if idle > STALL_TIMEOUT_S and not self._closed:
+                _hard_exit(f"SIGTERM: no step, evaluation or save finished in {STALL_TIMEOUT_S}s (a collective "
+                           "waiting for a process that is gone?); exiting without saving.")
 
     def restore(self):
+        self._closed = True
+        StopSignal.live -= 1
+        signal.set_wakeup_fd(self._previous_wakeup)
         signal.signal(signal.SIGTERM, self._previous)
+        self._writer.close()  # the watch thread reads the end of the stream and stops
+
+
+def _forget_wakeup_fd_in_child():
+    """A forked child (a data worker) inherits the socket: its own SIGTERMs must not count as the parent's."""
+    if StopSignal.live:
+        with contextlib.suppress(ValueError):  # forked from another thread than the main one
+            signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_forget_wakeup_fd_in_child)
+
+
+def _hard_exit(message: str) -> None:
+    print(f"\n{message}", file=sys.stderr, flush=True)
+    os._exit(128 + signal.SIGTERM)
 
 
 class NonFiniteLoss(RuntimeError):

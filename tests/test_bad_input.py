@@ -1,10 +1,11 @@
 """Bad input and reruns (issue 22): nothing already written is lost, nothing hangs, and the user is
 told why in a line.
 
-One tiny finished pretraining run (a module fixture, made by the binary) is the run the reruns
-meet; the binaries' failures run as subprocesses started together (`_launch_all`), since each
-costs little more than jax's import; the rest are library calls. "Unchanged" means every file of
-the run byte for byte (`snapshot`), the lock file aside.
+One tiny finished pretraining run and one pipeline whose data stage is finished (module fixtures,
+made by the binaries) are the runs the reruns meet; every command of the binary-level tests runs
+as a subprocess, all started together in one fixture (`outcome`), since each costs little more
+than jax's import, and the tests read their results; the rest are library calls. "Unchanged"
+means every file of the run byte for byte (`snapshot`), the lock file aside.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from launch import ROOT
+from launch import ROOT, free_port
 from jaxlm import checkpoint, init_source, loop, runtime
 from jaxlm.data import sft
 from jaxlm.data.sources import DataError
@@ -104,18 +105,20 @@ def fake_run(path, tok_path, *, stage="sft", params=None, model=None):
 
 
 SIGTERM_SCRIPT = """
-import os, sys
+import os, sys, time
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import io_callback
 from jaxlm import checkpoint, loop
-loop.DATA_WAIT_GRACE_S = 1
+loop.DATA_WAIT_GRACE_S, loop.STALL_TIMEOUT_S = 1, {stall_timeout}
+how = {how!r}
 
-class Stuck:  # a pipeline that filters out every record after the second batch: next() never returns
+class Batches:  # 'data': a pipeline that filters out every record after the second batch: next() never returns
     def __init__(self): self.n = 0
     def __iter__(self): return self
     def __next__(self):
         self.n += 1
-        if self.n > 2:
+        if self.n > 2 and how == "data":
             print("waiting for a batch", flush=True)
             while True:
                 pass
@@ -123,11 +126,59 @@ class Stuck:  # a pipeline that filters out every record after the second batch:
     def get_state(self): return {{"n": self.n}}
     def set_state(self, state): self.n = state["n"]
 
-step = jax.jit(lambda s, b: ({{"s": s["s"] + b["x"].sum()}}, {{"loss": s["s"]}}))
+def stall(s):  # 'xla': in step 3 the main thread waits inside XLA, as in a collective whose peer is gone
+    if s > 4 and how == "xla":
+        print("stalled in xla", flush=True)
+        time.sleep(3600)
+    return s
+
+add = jax.jit(lambda s, b: io_callback(stall, jax.ShapeDtypeStruct((), jnp.float32), s["s"] + b["x"].sum()))
+
+def step(s, b):
+    s = {{"s": add(s, b)}}
+    jax.block_until_ready(s)
+    return s, {{"loss": s["s"]}}
+
 loop.train({workdir!r}, checkpoint.Checkpointer({workdir!r} + "/checkpoints"),
-           loop.Cadence(steps=10, checkpoint_every=1), step_fn=step, batches=Stuck(),
+           loop.Cadence(steps=10, checkpoint_every=1), step_fn=step, batches=Batches(),
            init_state=lambda: {{"s": jnp.zeros(())}}, abstract_state=None, meta={{}}, desc="toy")
 """
+
+# Two processes of one run; this test's process holds process 0's lock, as another run would.
+LOCK_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from jaxlm import runtime, sharding
+sharding.maybe_initialize_distributed("localhost:{port}", 2, int(sys.argv[1]))
+try:
+    runtime.lock_every_process({workdir!r})
+except runtime.WorkdirBusy as e:
+    print(f"ERROR: {{e}}", flush=True)
+    sys.exit(1)
+"""
+
+# A tiny pipeline: its data stage takes a second.
+PIPELINE_FLAGS = ["--config.stages=data", "--config.data.corpus_train=20", "--config.data.corpus_valid=4",
+                  "--config.data.sft_train=4", "--config.data.sft_valid=4", "--config.data.eval_per_family=1",
+                  "--config.data.preferences_train=4", "--config.data.preferences_valid=4", "--config.data.rl_prompts=4",
+                  "--config.data.redteam_prompts=2", "--config.data.eval_reasoning=2",
+                  "--config.data.reasoning_prompts=4"]
+
+
+def pipeline_command(workdir, *extra):
+    return [sys.executable, "-m", "experiments.pipeline", f"--workdir={workdir}", *PIPELINE_FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A pipeline whose data stage is finished, and its snapshot."""
+    workdir = tmp_path_factory.mktemp("pipeline") / "run"
+    result = subprocess.run(pipeline_command(workdir), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0 and os.path.exists(workdir / "data" / "DONE"), result.stderr[-3000:]
+    config = json.load(open(workdir / "config.json"))  # written once the first stage started
+    assert config["seed"] == 0 and config["data"]["corpus_train"] == 20
+    return workdir, snapshot(workdir)
 
 
 def _launch_all(commands: dict[str, tuple[list[str], str]]) -> dict[str, subprocess.Popen]:
@@ -135,19 +186,53 @@ def _launch_all(commands: dict[str, tuple[list[str], str]]) -> dict[str, subproc
             for name, (cmd, cwd) in commands.items()}
 
 
-def test_binaries_refuse_bad_reruns_and_bad_input_touching_nothing(finished, data, tmp_path):
-    run, before = finished
-    mismatch, bad_data, busy = (copy_of(run, tmp_path, n) for n in ("mismatch", "bad_data", "busy"))
-    runtime.lock_workdir(str(busy))  # this process holds it, as a first run would
+def _signal_when(proc: subprocess.Popen, ready: str, times: int) -> float:
+    """Send `times` SIGTERMs once `proc` printed the line `ready`; the time of the first."""
+    assert any(ready in line for line in iter(proc.stdout.readline, "")), proc.stderr.read()[-3000:]
+    sent = time.monotonic()
+    for _ in range(times):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+    return sent
+
+
+@pytest.fixture(scope="module")
+def outcome(finished, pipeline, data, tmp_path_factory):
+    """Every command of the tests below, started at once (each costs little more than jax's import):
+    `outcome.out[name]` = (stdout, stderr, exit status); `outcome.dirs[name]` the directory it was
+    given; for the SIGTERM commands, also the seconds from the first SIGTERM to the exit."""
+    tmp_path = tmp_path_factory.mktemp("outcome")
+    run, _ = finished
+    pipe, _ = pipeline
+    dirs = {n: copy_of(run, tmp_path, n) for n in ("mismatch", "bad_data", "busy", "rerun", "grpo_rerun")}
+    dirs.update({n: copy_of(pipe, tmp_path, n) for n in ("pipeline_busy", "pipeline_seed", "pipeline_other_stage")})
+    for name in ("busy", "pipeline_busy"):
+        runtime.lock_workdir(str(dirs[name]))  # this process holds it, as a first run would
+    dirs["lock2"] = tmp_path / "lock2"
+    dirs["lock2"].mkdir()
+    runtime.lock_workdir(str(dirs["lock2"]))
     policy = fake_run(tmp_path / "policy", data / "tok.model")
     reference = fake_run(tmp_path / "reference", data / "tok2.model")
-    sigterm_dir = tmp_path / "sigterm"
+    reward = fake_run(tmp_path / "reward", data / "tok.model", stage="reward",
+                      params={"trunk": {"w": jnp.zeros((2,))}, "head": {"kernel": jnp.zeros((2,))}})
+    dirs.update(policy=policy, reward=reward, typo=tmp_path / "typo", pipeline_typo=tmp_path / "pipeline_typo",
+                grpo_bad=tmp_path / "grpo_bad")
+    for how in ("data", "xla", "xla_twice"):
+        dirs[f"sigterm_{how}"] = tmp_path / f"sigterm_{how}"
+    sigterm = lambda how, stall_timeout: ([sys.executable, "-c", SIGTERM_SCRIPT.format(
+        root=ROOT, workdir=str(dirs[f"sigterm_{how}"]), how=how.removesuffix("_twice"), stall_timeout=stall_timeout)],
+        ROOT)
+    port = free_port()
+    lock = lambda i: ([sys.executable, "-c", LOCK_SCRIPT.format(root=ROOT, port=port, workdir=str(dirs["lock2"])),
+                       str(i)], ROOT)
     procs = _launch_all({
-        "mismatch": (pretrain_command(mismatch, data, "--config.model.d_model=48"), ROOT),
-        "bad_data": (pretrain_command(bad_data, data, f"--config.data.train_files={data / 'bad.jsonl'}"), ROOT),
-        "busy": (pretrain_command(busy, data), ROOT),
+        "sigterm_data": sigterm("data", 600), "sigterm_xla": sigterm("xla", 1), "sigterm_xla_twice": sigterm("xla", 600),
+        "mismatch": (pretrain_command(dirs["mismatch"], data, "--config.model.d_model=48"), ROOT),
+        "bad_data": (pretrain_command(dirs["bad_data"], data, f"--config.data.train_files={data / 'bad.jsonl'}"), ROOT),
+        "busy": (pretrain_command(dirs["busy"], data), ROOT),
+        "lock_process_0": lock(0), "lock_process_1": lock(1),
         # from another directory: the default --config is found from the package
-        "typo": ([sys.executable, "-m", "experiments.pretrain", f"--workdir={tmp_path / 'typo'}",
+        "typo": ([sys.executable, "-m", "experiments.pretrain", f"--workdir={dirs['typo']}",
                   "--config.train.stepz=3"], str(tmp_path)),
         "sft_all_skipped": ([sys.executable, "-m", "experiments.sft", f"--workdir={tmp_path / 'sft'}",
                              f"--config.data.train_files={data / 'sft_long.jsonl'}", "--config.data.valid_files=",
@@ -156,62 +241,162 @@ def test_binaries_refuse_bad_reruns_and_bad_input_touching_nothing(finished, dat
         "dpo_tokenizers": ([sys.executable, "-m", "experiments.dpo", f"--workdir={tmp_path / 'dpo'}",
                             f"--config.init_from={policy}", f"--config.reference_from={reference}"], ROOT),
         "hf_import": ([sys.executable, "-m", "tools.hf_import", f"--hf={tmp_path}", f"--workdir={policy}"], ROOT),
-        "sigterm": ([sys.executable, "-c", SIGTERM_SCRIPT.format(root=ROOT, workdir=str(sigterm_dir))], ROOT),
-        "rerun": (pretrain_command(copy_of(run, tmp_path, "rerun"), data), ROOT),
+        "rerun": (pretrain_command(dirs["rerun"], data), ROOT),
         "sample": ([sys.executable, "-m", "tools.sample", f"--checkpoint={run}", "--prompt=mia",
                     "--max_new_tokens=4"], str(tmp_path)),
+        "sample_reward": ([sys.executable, "-m", "tools.sample", f"--checkpoint={reward}", "--prompt=mia"], ROOT),
+        "breakdown_sft": ([sys.executable, "-m", "tools.reward_breakdown", f"--checkpoint={policy}",
+                           f"--pairs={data / 'train.jsonl'}"], ROOT),
+        "grpo_bad": ([sys.executable, "-m", "experiments.grpo", f"--workdir={dirs['grpo_bad']}",
+                      f"--config.policy_from={run}", "--config.grpo.minibatch_size=0"], ROOT),
+        "grpo_rerun": ([sys.executable, "-m", "experiments.grpo", f"--workdir={dirs['grpo_rerun']}",
+                        f"--config.policy_from={run}"], ROOT),
+        "pipeline_typo": (pipeline_command(dirs["pipeline_typo"], "--config.stages=data,bogus"), ROOT),
+        "pipeline_busy": (pipeline_command(dirs["pipeline_busy"]), ROOT),
+        "pipeline_seed": (pipeline_command(dirs["pipeline_seed"], "--config.seed=1"), ROOT),
+        "pipeline_other_stage": (pipeline_command(dirs["pipeline_other_stage"],
+                                                  "--config.pretrain.flags=--config.train.steps=7"), ROOT),
     })
+    out, seconds = {}, {}
     try:
-        term = procs.pop("sigterm")
-        assert any("waiting for a batch" in line for line in iter(term.stdout.readline, ""))
-        t = time.monotonic()
-        term.send_signal(signal.SIGTERM)
-        assert term.wait(timeout=30) == 128 + signal.SIGTERM and time.monotonic() - t < 20
-        assert "no batch came in 1s" in term.stderr.read()
-        out = {name: (p.communicate(timeout=TIMEOUT), p.returncode) for name, p in procs.items()}
+        sent = {"sigterm_data": _signal_when(procs["sigterm_data"], "waiting for a batch", 1),
+                "sigterm_xla": _signal_when(procs["sigterm_xla"], "stalled in xla", 1),
+                "sigterm_xla_twice": _signal_when(procs["sigterm_xla_twice"], "stalled in xla", 2)}
+        for name, t in sent.items():  # a hang fails here
+            procs[name].wait(timeout=60)
+            seconds[name] = time.monotonic() - t
+        for name, p in procs.items():
+            stdout, stderr = p.communicate(timeout=TIMEOUT)
+            out[name] = (stdout, stderr, p.returncode)
     finally:
-        for p in [term, *procs.values()]:
+        for p in procs.values():
             if p.poll() is None:
                 p.kill()
+    return types.SimpleNamespace(out=out, dirs=dirs, seconds=seconds)
 
-    def failed(name):
-        (stdout, stderr), code = out[name]
-        assert code == 1 and "Traceback" not in stderr, (name, stderr[-3000:])
-        return stderr
 
-    # 1: another model in the workdir: stops before touching anything, says what differs and how to start anew.
-    message = failed("mismatch")
+def failed(outcome, name) -> str:
+    """The stderr of a command that must have failed with one line and exit status 1."""
+    stdout, stderr, code = outcome.out[name]
+    assert code == 1 and "Traceback" not in stderr, (name, code, stderr[-3000:])
+    return stderr
+
+
+def test_a_rerun_with_another_model_stops_touching_nothing(outcome, finished):
+    # 1: stops before touching anything, says what differs and how to start anew.
+    message = failed(outcome, "mismatch")
     assert "--config.model.d_model: the run has 32, this command 48" in message and "--overwrite" in message
-    assert snapshot(mismatch) == before
-    # 5 and 11: bad data on a finished run: file:line alone; config.json (and all else) as it was.
-    assert failed("bad_data").strip().splitlines()[-1].startswith(f"ERROR: {data / 'bad.jsonl'}:2: ")
-    assert snapshot(bad_data) == before
+    assert snapshot(outcome.dirs["mismatch"]) == finished[1]
+
+
+def test_bad_data_on_a_finished_run_is_one_line_and_changes_nothing(outcome, finished, data):
+    # 5 and 11: file:line alone; config.json (and all else) as it was.
+    assert failed(outcome, "bad_data").strip().splitlines()[-1].startswith(f"ERROR: {data / 'bad.jsonl'}:2: ")
+    assert snapshot(outcome.dirs["bad_data"]) == finished[1]
+
+
+def test_a_workdir_in_use_names_the_first_runs_pid_on_every_process(outcome, finished):
     # 4: a second run on a locked workdir names the first one's pid.
-    assert f"in use by another run (pid {os.getpid()}" in failed("busy")
-    assert snapshot(busy) == before
-    # 11, 14: a config typo is one line naming the flag, also outside the repository root.
-    assert failed("typo").strip().splitlines() == [
+    assert f"in use by another run (pid {os.getpid()}" in failed(outcome, "busy")
+    assert snapshot(outcome.dirs["busy"]) == finished[1]
+    # Multi-process: process 0 finds the lock held; process 1 (whose own lock is free) stops too, not
+    # waiting in a collective for process 0.
+    for name in ("lock_process_0", "lock_process_1"):
+        stdout, stderr, code = outcome.out[name]
+        assert code == 1 and f"in use by another run (pid {os.getpid()}" in stdout, (name, stdout, stderr[-3000:])
+        assert "found by process(es) [0] of this run" in stdout
+
+
+def test_a_config_typo_is_one_line_from_any_directory(outcome):
+    # 11, 14: one line naming the flag, also outside the repository root.
+    assert failed(outcome, "typo").strip().splitlines() == [
         "ERROR: --config.train.stepz=3: no such config field, or a value of the wrong type "
         "('stepz' Did you mean \"steps\" instead of \"stepz\"?)"]
-    # 2: every record skipped is an error at start, with the counts (it used to hang).
+
+
+def test_every_record_skipped_is_an_error_with_the_counts(outcome):
+    # 2: it used to hang.
     assert "no usable conversations: 20 records read, skipped 20 conversations longer than seq_len" in \
-        failed("sft_all_skipped")
+        failed(outcome, "sft_all_skipped")
+
+
+def test_runs_that_must_share_a_tokenizer_or_not_exist_yet(outcome, tmp_path_factory):
     # 6: DPO's reference must share the policy's tokenizer.
-    message = failed("dpo_tokenizers")
-    assert f"--config.init_from={policy} and --config.reference_from={reference} use different tokenizers" in message
+    policy = outcome.dirs["policy"]
+    assert f"--config.init_from={policy} and --config.reference_from=" in failed(outcome, "dpo_tokenizers")
+    assert "use different tokenizers" in failed(outcome, "dpo_tokenizers")
     # 8: hf_import into an existing run would be shadowed by its checkpoints.
-    assert "already holds a sft run (checkpoint 1)" in failed("hf_import")
-    # 15: a rerun of the finished run writes no second sample; tools.sample prints no orbax INFO lines.
-    (stdout, stderr), code = out["rerun"]
+    assert "already holds a sft run (checkpoint 1)" in failed(outcome, "hf_import")
+
+
+def test_a_rerun_of_a_finished_run_writes_nothing_again(outcome, finished):
+    # 15: no second sample; tools.sample prints no orbax INFO lines.
+    stdout, stderr, code = outcome.out["rerun"]
     assert code == 0 and "Already finished: step 4 of 4" in stdout, stderr[-3000:]
-    rerun = snapshot(tmp_path / "rerun")
+    rerun = snapshot(outcome.dirs["rerun"])
     assert {k: v for k, v in rerun.items() if not k.startswith("tensorboard")} == \
-        {k: v for k, v in before.items() if not k.startswith("tensorboard")}
-    (stdout, stderr), code = out["sample"]
+        {k: v for k, v in finished[1].items() if not k.startswith("tensorboard")}
+    stdout, stderr, code = outcome.out["sample"]
     assert code == 0 and stdout.startswith("'mia' → ") and "INFO" not in stderr, stderr[-3000:]
-    # 2: SIGTERM ended a process stuck waiting for data; the checkpoints before stayed (step 2's save may
-    # have been in flight).
-    assert checkpoint.Checkpointer(str(sigterm_dir / "checkpoints")).all_steps() in ([1], [1, 2])
+
+
+def test_tools_on_a_run_of_the_wrong_stage_name_the_flag_and_both_stages(outcome):
+    # 12: one line each: the flag, the stage found, the stage expected.
+    policy, reward = outcome.dirs["policy"], outcome.dirs["reward"]
+    assert failed(outcome, "breakdown_sft").strip().splitlines() == [
+        f"ERROR: --checkpoint={policy} is a sft run, a language model (a pretrain, sft, dpo, ppo or cai run); this "
+        "needs a reward model (a reward run)"]
+    assert failed(outcome, "sample_reward").strip().splitlines() == [
+        f"ERROR: --checkpoint={reward} is a reward run, a reward model (trunk and scalar head: a reward run): it "
+        "scores text and cannot generate; give a language-model run (pretrain, sft, dpo, ppo, cai)"]
+
+
+def test_sigterm_ends_a_process_that_cannot_save(outcome):
+    # 2: stuck waiting for data (the pipeline filters out every record): exits 1 s after SIGTERM.
+    stdout, stderr, code = outcome.out["sigterm_data"]
+    assert code == 128 + signal.SIGTERM and "no batch came in 1s" in stderr, stderr[-3000:]
+    assert outcome.seconds["sigterm_data"] < 30
+    # The checkpoints before stayed (step 2's save may have been in flight).
+    assert checkpoint.Checkpointer(str(outcome.dirs["sigterm_data"] / "checkpoints")).all_steps() in ([1], [1, 2])
+    # Blocked inside XLA (a collective waiting for a process that is gone), where Python's handler cannot
+    # run: the watchdog ends it after STALL_TIMEOUT_S (1 s here), or a second SIGTERM at once.
+    stdout, stderr, code = outcome.out["sigterm_xla"]
+    assert code == 128 + signal.SIGTERM and "no step, evaluation or save finished in 1s" in stderr, stderr[-3000:]
+    stdout, stderr, code = outcome.out["sigterm_xla_twice"]
+    assert code == 128 + signal.SIGTERM and "A second SIGTERM: exiting now, without saving." in stderr, stderr[-3000:]
+    assert outcome.seconds["sigterm_xla"] < 30 and outcome.seconds["sigterm_xla_twice"] < 30
+    for name in ("sigterm_xla", "sigterm_xla_twice"):
+        assert checkpoint.Checkpointer(str(outcome.dirs[name] / "checkpoints")).all_steps() in ([1], [1, 2])
+
+
+def test_grpo_follows_the_binaries_rules(outcome, finished):
+    # Its own config checks come first: one line, nothing created.
+    assert failed(outcome, "grpo_bad").strip().splitlines() == [
+        "ERROR: --config.grpo.minibatch_size=0: must be >= 1"]
+    assert not outcome.dirs["grpo_bad"].exists()
+    # The rerun check: a workdir holding another stage's run stops it, with nothing touched.
+    assert "the stage: the run is 'pretrain', this command is 'grpo'" in failed(outcome, "grpo_rerun")
+    assert snapshot(outcome.dirs["grpo_rerun"]) == finished[1]
+
+
+def test_the_pipeline_follows_the_binaries_rules(outcome, pipeline):
+    _, before = pipeline
+    # Config checks before anything is written: one line, no DIR.
+    assert failed(outcome, "pipeline_typo").strip().splitlines() == [
+        "ERROR: --config.stages=data,bogus: unknown stage(s) ['bogus']; the stages are data,tokenizer,pretrain,sft,"
+        "grpo,preferences,reward,ppo,dpo,cai,evaluate"]
+    assert not outcome.dirs["pipeline_typo"].exists()
+    # DIR is locked.
+    assert f"in use by another run (pid {os.getpid()}" in failed(outcome, "pipeline_busy")
+    # A finished stage's settings may not change (its output would not match the config); nothing touched.
+    message = failed(outcome, "pipeline_seed")
+    assert "--config.seed (stage data is finished): the run has 0, this command 1" in message
+    assert "--overwrite" in message and "delete" in message
+    # An unfinished stage's may: the finished one is skipped, and config.json stays as it is until a stage runs.
+    stdout, stderr, code = outcome.out["pipeline_other_stage"]
+    assert code == 0 and "[1/1] data: done earlier" in stdout, stderr[-3000:]
+    for name in ("pipeline_busy", "pipeline_seed", "pipeline_other_stage"):
+        assert snapshot(outcome.dirs[name]) == before, name
 
 
 def test_rerun_differences_name_what_makes_another_run():
@@ -231,6 +416,10 @@ def test_rerun_differences_name_what_makes_another_run():
     other = {"init_from": "/runs/b", "model": {"d_model": 96}}  # model.* unused with init_from
     assert runtime.rerun_differences("sft", other, sft_meta) == [
         "--config.init_from: the run has '/runs/a', this command '/runs/b'"]
+    grpo_meta = {"stage": "grpo", "config": {"policy_from": "/runs/a", "reward_model": {"path": ""}}}
+    judged = {"policy_from": "/runs/a", "reward_model": {"path": "/runs/rm"}}  # a source in a block
+    assert runtime.rerun_differences("grpo", judged, grpo_meta) == [
+        "--config.reward_model.path: the run has '', this command '/runs/rm'"]
 
 
 def test_config_checks():
@@ -332,7 +521,8 @@ def test_the_loop_refuses_fewer_steps_than_the_run_has_and_writes_config_once_st
                           abstract_state={"s": jax.ShapeDtypeStruct((), jnp.float32, sharding=device)},
                           meta=meta, desc="toy")
     train(4)
-    assert json.load(open(tmp_path / "config.json")) == {"stage": "toy", "train": {"steps": 4}}
+    devices = {"count": jax.device_count(), "processes": 1, "platform": jax.default_backend()}
+    assert json.load(open(tmp_path / "config.json")) == {"stage": "toy", "devices": devices, "train": {"steps": 4}}
     assert checkpoint.newest_meta(str(tmp_path / "checkpoints"))[1]["tokenizer"] == "tokenizer.model"  # 14
     before = snapshot(tmp_path)
     meta["config"] = {"train": {"steps": 2}}

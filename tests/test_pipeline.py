@@ -63,8 +63,11 @@ def test_every_stage_finishes_and_the_report_has_a_row_per_model(run):
     compared = report.split("## Comparing the stages")[1].split("\n## ")[0]
     for row in ("goal", "data", "supervision", "compute", "wall time", "key challenge, measured"):
         assert f"| **{row}** |" in compared, row
-    for column in ("Pre-training", "Fine-tuning (SFT)", "Reward model", "RLHF with PPO", "DPO", "Constitutional AI"):
+    for column in ("Pre-training", "Fine-tuning (SFT)", "Reward model", "RLHF with PPO", "DPO", "Constitutional AI",
+                   "GRPO (reasoning)"):
         assert column in next(line for line in compared.splitlines() if line.startswith("| |")), column
+    compute = next(line for line in compared.splitlines() if line.startswith("| **compute** |"))
+    assert compute.count("device-seconds (2 × ") == 7, compute  # every stage's column: 2 CPU devices each
     for plot in ("losses.png", "ppo_reward_vs_kl.png", "dpo_margins.png", "grpo_accuracy_length.png"):
         assert (workdir / "plots" / plot).stat().st_size > 1000, plot
         assert f"plots/{plot}" in report
@@ -113,3 +116,34 @@ def test_checks_pass_only_at_two_standard_errors(tmp_path):
     results["PPO"] = model([g - 0.05 for g in sft])
     found = {claim: status for claim, status, _ in report.checks(str(tmp_path), results)}
     assert found["PPO > SFT (gold, greedy)"] == report.FAIL
+
+
+def test_grpo_column_counts_every_sampler_call_and_device_seconds(tmp_path):
+    """The comparison table's GRPO column, against a count by hand: 2 iterations × 2 prompts × 4
+    completions (16 trained rows), one refill call, rows of 6 + 4 = 10 slots. Sampling is one forward
+    pass per slot of every sampled row ((2 + 1) calls × 2 × 4 = 24 rows), β > 0 adds a reference
+    pass per trained row (16), one epoch of updates three passes per trained row (48)."""
+    from experiments import comparison
+    from jaxlm.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1)
+    run = tmp_path / "grpo"
+    run.mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reasoning_prompts.jsonl").write_text('{"prompt": "a"}\n' * 7)
+    (run / "config.json").write_text(json.dumps({
+        "stage": "grpo", "devices": {"count": 2, "processes": 1, "platform": "cpu"},
+        "data": {"dir": "", "max_prompt_len": 6, "prompts_file": ""},
+        "rollout": {"prompts": 2, "group_size": 4, "max_new_tokens": 4},
+        "train": {"iterations": 2}, "grpo": {"beta": 0.04, "epochs": 1}, "reward_model": {"path": ""}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "eval_accuracy": 0.0},
+        {"step": 1, "accuracy": 0.25, "refills": 1, "completion_length": 4.0},
+        {"step": 2, "accuracy": 0.5, "refills": 0, "completion_length": 2.0}]))
+    row = comparison.forward_flops_per_slot(cfg, 10) * 10
+    facts = comparison.stage_facts(str(tmp_path), "grpo", cfg, results={})
+    assert facts["flops"] == pytest.approx(24 * row + 16 * row + 3 * 16 * row, rel=1e-12)
+    assert "24 completions sampled (2 iterations × 2 prompts × 4, 1 refill calls)" in facts["data"]
+    assert facts["data"].startswith("7 prompts") and "4.0 → 3.0 tokens" not in facts["challenge"]
+    assert "completion length 3.0 → 3.0 tokens" in facts["challenge"]  # the means of the first and last 5
+    assert comparison.device_count(str(tmp_path), "grpo") == 2

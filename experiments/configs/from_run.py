@@ -18,5 +18,6 @@ def get_config(path: str) -> ml_collections.ConfigDict:
         raise ValueError("experiments/configs/from_run.py needs a run's config.json: --config=from_run.py:PATH")
     with open(path) as f:
         values = json.load(f)
-    values.pop("stage", None)  # Written by jaxlm.loop.write_config beside the config's own fields.
+    for written_beside_the_config in ("stage", "devices"):  # by jaxlm.loop.write_config
+        values.pop(written_beside_the_config, None)
     return ml_collections.ConfigDict(values)
