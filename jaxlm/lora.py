@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.model import Adapters, Model, ModelConfig
 
@@ -220,6 +221,10 @@ class Bound:
         """The model's weights this handle runs (adapters aside): the base, with trained embeddings if any."""
         return with_trained(self.base, params)
 
+    def head_weights(self, params: Params) -> jax.Array:
+        """[D, V]: the output projection this handle runs (the base's, or the trained embeddings)."""
+        return self.adapted.base_model.head_weights(self.weights(params))
+
     def apply(self, params: Params, tokens, positions=None, segment_ids=None, cache=None, compute_logits=True):
         return self.adapted.base_model.apply(self.weights(params), tokens, positions, segment_ids, cache,
                                              compute_logits, adapters=self.adapters(params))
@@ -248,9 +253,46 @@ def with_frozen_base(make_step: Callable[[Any], Callable], adapted: Adapted, *, 
     return step
 
 
-def meta(lcfg: LoraConfig, base: str) -> dict:
-    """The checkpoint meta of a LoRA run: its config and the base it adapts (an init_from path)."""
-    return {"config": dataclasses.asdict(lcfg), "base": base}
+def meta(lcfg: LoraConfig, base: str, fingerprint: dict | None = None) -> dict:
+    """The checkpoint meta of a LoRA run: its config, the base it adapts (an init_from path) and that
+    base's `base_fingerprint` (compared on resume and wherever the adapters are merged onto it)."""
+    return {"config": dataclasses.asdict(lcfg), "base": base,
+            **({"base_fingerprint": fingerprint} if fingerprint else {})}
+
+
+def base_fingerprint(base: Params, step: int | None = None) -> dict:
+    """What identifies the weights a LoRA run adapts: the base checkpoint's `step` (None for a Hugging
+    Face base), every weight's shape, and per weight the float32 sums of |x| and x² (one read of the
+    weights, on their own shardings; both sums of positive terms, so another mesh's summation order
+    moves them by far less than `same_base`'s tolerance, and retraining by far more)."""
+    def sums(tree):
+        return jax.tree.map(lambda x: jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32))),
+                                                 jnp.sum(jnp.square(x.astype(jnp.float32)))]), tree)
+    named = {jax.tree_util.keystr(path, simple=True, separator="/"): x
+             for path, x in jax.tree_util.tree_leaves_with_path(base)}
+    values = jax.jit(sums)(named)
+    return {"step": step, "shapes": {k: list(x.shape) for k, x in named.items()},
+            "sums": {k: [float(v) for v in np.asarray(x.addressable_data(0))] for k, x in values.items()}}
+
+
+def base_changes(stored: dict, current: dict, rtol: float = 1e-5) -> list[str]:
+    """How the base now (`current`) differs from the one a run started on (`stored`); empty if the same."""
+    out = []
+    if stored.get("step") != current.get("step"):
+        out.append(f"step {stored.get('step')} -> {current.get('step')}")
+    if stored.get("shapes") != current.get("shapes"):
+        out.append("other weight shapes")
+    elif any(not np.allclose(stored["sums"][k], current["sums"][k], rtol=rtol, atol=0) for k in stored["sums"]):
+        out.append("other weights")
+    return out
+
+
+def check_same_base(stored: dict | None, current: dict, *, run: str, base: str) -> None:
+    """A ValueError naming both paths when the base of the LoRA run `run` changed since it started."""
+    changes = base_changes(stored, current) if stored and current else []  # runs from before fingerprints: none
+    if changes:
+        raise ValueError(f"{base} changed since the LoRA run {run} started on it ({'; '.join(changes)}): its "
+                         "adapters were trained on the old weights; restore that base, or start the LoRA run anew")
 
 
 def config_of_meta(m: dict) -> LoraConfig:

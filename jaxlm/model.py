@@ -83,6 +83,9 @@ class ModelConfig:
     remat: str = "none"  # One of _REMAT_POLICIES: what the backward pass recomputes.
     scan_unroll: int = 1  # Layers unrolled per scan iteration (num_layers = fully unrolled).
     attention_impl: str = "xla"  # 'xla', 'cudnn' (flash attention on NVIDIA GPUs) or 'auto'.
+    # Positions per chunk when training log-probs and losses project onto the vocabulary
+    # (jaxlm.logprobs.head_log_probs): 0 = auto (only when the [B, T, V] logits are large), -1 = never.
+    logits_chunk: int = 0
 
     def __post_init__(self):
         if self.num_heads <= 0 or self.d_model <= 0 or self.num_layers <= 0:
@@ -97,6 +100,8 @@ class ModelConfig:
             raise ValueError(f"rope_scaling={self.rope_scaling!r}; choose none, linear or llama3")
         if self.attention_impl not in ("xla", "cudnn", "auto"):
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose xla, cudnn or auto")
+        if self.logits_chunk < -1:
+            raise ValueError(f"logits_chunk={self.logits_chunk}; use a positive chunk length, 0 (auto) or -1 (never)")
 
     @property
     def kv_heads(self) -> int:
@@ -499,6 +504,10 @@ class Model:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         return self.bind(params)(tokens, positions, segment_ids, cache, compute_logits, adapters)
+
+    def head_weights(self, params: Params) -> jax.Array:
+        """[D, V]: the output projection (the embedding table, transposed, when tied)."""
+        return params["embed"].T if self.cfg.tie_embeddings else params["lm_head"]
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         return KVCache.create(self.cfg, batch_size, max_len, dtype)

@@ -191,12 +191,12 @@ UPDATE_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "loss_mask
 def _micro_sums(models: ppo.PPOModels, cfg: GRPOConfig, params, mb: Batch):
     """(loss sum, (normaliser, metric sums, largest |log-ratio|)) of one micro-batch."""
     mask = mb["loss_mask"]
-    logp, logits = ppo.rollout_log_probs(models, params, mb, cfg.temperature)
+    logp, entropy = ppo.rollout_log_probs(models, params, mb, cfg.temperature)
     loss_sum, normaliser, aux = losses.grpo_policy_loss(
         logp, mb["old_logp"], mb["advantages"], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
         ratio_level=cfg.ratio_level, aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens,
         ref_logp=mb.get("ref_logp"), beta=cfg.beta if "ref_logp" in mb else 0.0)
-    entropy = jnp.where(mask > 0, losses.entropy_from_logits(jax.lax.stop_gradient(logits), cfg.temperature), 0.0)
+    entropy = jnp.where(mask > 0, jax.lax.stop_gradient(entropy), 0.0)  # a metric: no gradient
     sums = {**aux, "entropy": jnp.sum(entropy), "loss": jax.lax.stop_gradient(loss_sum)}
     mismatch = jnp.max(jnp.where(mask > 0, jnp.abs(jax.lax.stop_gradient(logp) - mb["old_logp"]), 0.0))
     return loss_sum, (normaliser, sums, mismatch)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from jaxlm import losses
+from jaxlm import logprobs, losses
 from jaxlm.steps import accumulate
 from jaxlm.train_state import TrainState
 
@@ -22,10 +23,15 @@ Batch = dict[str, jax.Array]
 
 
 def lm_loss(model, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of per-token cross-entropies, number of target tokens) for one batch."""
-    out = model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    """(sum of per-token cross-entropies, number of target tokens) for one batch.
+
+    The head runs in chunks where the logits are large (`jaxlm.logprobs.next_token_log_probs`);
+    per token −log p is `losses.token_cross_entropy`'s logsumexp − target logit, exactly.
+    """
     targets, weights = losses.next_token_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
-    return losses.token_cross_entropy(out.logits, targets, weights)
+    logp, _ = logprobs.next_token_log_probs(model, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                            targets)
+    return jnp.sum(jnp.where(weights > 0, -logp * weights, 0.0)), jnp.sum(weights)
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,

@@ -51,12 +51,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxlm import lora, losses, rl, sampling, sharding
+from jaxlm import logprobs, losses, rl, sampling, sharding
 from jaxlm.train_state import opt_state_shardings
 
 Params = Any
 Batch = dict[str, jax.Array]
 PolicyFn = Callable[[Params, Batch], jax.Array]  # -> logits [B, N, V] predicting each response token
+# (params, batch, temperature) -> (log-probs [B, N] of the response tokens, entropy [B, N])
+LogProbFn = Callable[[Params, Batch, Any], tuple[jax.Array, jax.Array]]
 ValueFn = Callable[[Params, Batch], jax.Array]  # -> values [B, N] of the states before each response token
 RewardFn = Callable[[Params, Batch], jax.Array]  # -> score [B] of each whole sequence
 
@@ -116,12 +118,17 @@ class PPOModels:
     reference, with the reference's parameters, unless ``reference`` is given: LoRA's reference
     is the plain model on the base, the adapters off); ``critic`` the value ``[B, N]`` of the
     state before each response token; ``reward`` one score ``[B]`` per whole sequence.
+    ``policy_log_probs`` / ``reference_log_probs`` (optional; :func:`lm_models` sets them) give the
+    log-probs and entropy without the whole ``[B, N, V]`` logits at once (`jaxlm.logprobs`'s
+    chunked head, where the logits are large); :func:`rollout_log_probs` prefers them.
     """
 
     policy: PolicyFn
     critic: ValueFn
     reward: RewardFn
     reference: PolicyFn | None = None
+    policy_log_probs: LogProbFn | None = None
+    reference_log_probs: LogProbFn | None = None
 
 
 def _response_width(batch: Batch) -> int:
@@ -139,19 +146,29 @@ def lm_models(policy_model, critic_model, reward_model, reference_model=None) ->
     or not), not the P prompt positions: the [B, P + N, V] logits and their gradient would cost
     more than the rest of the head's work here. Tested against ``Model.apply``'s logits.
     ``reference_model`` (LoRA: the plain model, run on the base) scores the reference's log-probs.
+    Their log-probs and entropy project those positions in chunks where the [B, N, V] logits are
+    large (`logprobs.chunk_length` of the model's config), the same numbers as from the logits.
     """
-    tied = policy_model.cfg.tie_embeddings
+    def hidden_of(model, params, batch):
+        """(hidden [B, N, D] of the positions that predict the response, the head [D, V])."""
+        n = _response_width(batch)
+        out = model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"], compute_logits=False)
+        return out.hidden[:, -n - 1:-1], model.head_weights(params)  # LoRA: the base's head (or trained embeddings)
 
     def logits_of(model):
         def policy(params, batch):
-            n = _response_width(batch)
-            out = model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"], compute_logits=False)
-            hidden = out.hidden[:, -n - 1:-1]  # [B, N, D]
-            weights = model.weights(params) if isinstance(model, lora.Bound) else params  # LoRA: the base's head
-            head = weights["embed"].T if tied else weights["lm_head"]  # [D, V]
+            hidden, head = hidden_of(model, params, batch)
             logits = jnp.einsum("BND,DV->BNV", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
             return sharding.constrain(logits, ("batch", "length", "act_vocab"))
         return policy
+
+    def log_probs_of(model):
+        def log_probs(params, batch, temperature):
+            hidden, head = hidden_of(model, params, batch)
+            b, n = hidden.shape[:2]
+            return logprobs.head_log_probs(hidden, head, batch["tokens"][:, -n:], temperature,
+                                           chunk=logprobs.chunk_length(model.cfg, b, n), with_entropy=True)
+        return log_probs
 
     def critic(params, batch):
         n = _response_width(batch)
@@ -162,7 +179,9 @@ def lm_models(policy_model, critic_model, reward_model, reference_model=None) ->
         return reward_model.score(params, batch["tokens"], batch["positions"], batch["segment_ids"])  # [B]
 
     return PPOModels(policy=logits_of(policy_model), critic=critic, reward=reward,
-                     reference=None if reference_model is None else logits_of(reference_model))
+                     reference=None if reference_model is None else logits_of(reference_model),
+                     policy_log_probs=log_probs_of(policy_model),
+                     reference_log_probs=None if reference_model is None else log_probs_of(reference_model))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,14 +226,20 @@ def rollout_batch(prompt_tokens, prompt_lengths, sample: sampling.SampleOutput) 
 
 def rollout_log_probs(models: PPOModels, params, batch: Batch, temperature, *, reference: bool = False
                       ) -> tuple[jax.Array, jax.Array]:
-    """(log-probs [B, N] of the response tokens, logits [B, N, V]) under ``softmax(logits / T)``.
+    """(log-probs [B, N] of the response tokens, entropy [B, N]) under ``softmax(logits / T)``.
 
     Unmasked: positions after EOS hold the log-prob of whatever token sits there; multiply or
     ``where`` by ``batch["response_mask"]`` before summing. `reference`: by ``models.reference``.
+    Through ``models.*_log_probs`` when given (chunked where the logits are large), else the logits.
     """
+    use_reference = reference and models.reference is not None
+    log_probs = models.reference_log_probs if use_reference else models.policy_log_probs
+    if log_probs is not None:
+        return log_probs(params, batch, temperature)
     n = _response_width(batch)
-    logits = (models.reference if reference and models.reference is not None else models.policy)(params, batch)
-    return losses.token_log_probs(logits, batch["tokens"][:, -n:], temperature), logits
+    logits = (models.reference if use_reference else models.policy)(params, batch)
+    return (losses.token_log_probs(logits, batch["tokens"][:, -n:], temperature),
+            losses.entropy_from_logits(logits, temperature))
 
 
 def score_rollout(models: PPOModels, cfg: PPOConfig, policy_params, ref_params, critic_params, reward_params,
@@ -228,10 +253,9 @@ def score_rollout(models: PPOModels, cfg: PPOConfig, policy_params, ref_params, 
     ref_params = jax.lax.stop_gradient(ref_params)
     reward_params = jax.lax.stop_gradient(reward_params)
     mask = batch["response_mask"] > 0
-    logp, logits = rollout_log_probs(models, policy_params, batch, cfg.temperature)
+    logp, entropy = rollout_log_probs(models, policy_params, batch, cfg.temperature)
     ref_logp, _ = rollout_log_probs(models, ref_params, batch, cfg.temperature, reference=True)
     values = models.critic(critic_params, batch).astype(jnp.float32)
-    entropy = losses.entropy_from_logits(logits, cfg.temperature)
     zero = lambda x: jnp.where(mask, x, 0.0)
     return {"old_logp": zero(logp), "ref_logp": zero(ref_logp), "old_values": zero(values),
             "entropy": zero(entropy), "scores": models.reward(reward_params, batch).astype(jnp.float32)}
@@ -376,10 +400,10 @@ UPDATE_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "old_logp"
 def _minibatch_sums(models: PPOModels, cfg: PPOConfig, policy_params, critic_params, mb: Batch):
     """Loss sums of one microbatch: (objective to differentiate, (sums and token count))."""
     mask = mb["response_mask"]
-    logp, logits = rollout_log_probs(models, policy_params, mb, cfg.temperature)
+    logp, entropy = rollout_log_probs(models, policy_params, mb, cfg.temperature)
     pg_sum, count, pg_aux = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask,
                                                    clip_eps=cfg.clip_eps)
-    ent_sum = jnp.sum(jnp.where(mask > 0, losses.entropy_from_logits(logits, cfg.temperature), 0.0))
+    ent_sum = jnp.sum(jnp.where(mask > 0, entropy, 0.0))
     values = models.critic(critic_params, mb)
     vf_sum, _, vf_aux = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask,
                                               clip_eps=cfg.value_clip_eps)
