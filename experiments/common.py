@@ -273,6 +273,8 @@ class Finetuning:
         self.base_sh = sharding.tree_shardings(mesh, self.model.logical_axes(), self.model.abstract_params())
         base, _ = init_source.load_params(base_from, shardings=self.base_sh, flag=flag)
         base = base["trunk"] if isinstance(base, dict) and "head" in base else base
+        # As loaded (before base_dtype): compared on resume (jaxlm.loop) and when a later stage merges.
+        self.base_fingerprint = lora.base_fingerprint(base, init_source.fingerprint(base_from).get("step"))
         dtype = jnp.dtype(block.get("base_dtype", "float32"))  # frozen: no float32 master copy needed
         self.base = base if dtype == jnp.float32 else jax.jit(
             lambda b: jax.tree.map(lambda x: x.astype(dtype), b), out_shardings=self.base_sh)(base)
@@ -341,4 +343,4 @@ class Finetuning:
         if self.lora is None:
             return {}
         base = self.base_from if init_source.is_hf(self.base_from) else os.path.abspath(self.base_from)
-        return {"lora": lora.meta(self.lora, base)}
+        return {"lora": lora.meta(self.lora, base, self.base_fingerprint)}

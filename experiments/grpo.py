@@ -5,7 +5,9 @@ r"""GRPO family: RL from rewards that are programs (a verifier), critic-free, ov
         [--config.grpo.estimator=rloo] [--config.grpo.beta=0] [--config.train.iterations=40]
 
 `policy_from` may be a Hugging Face checkpoint, `hf:PATH`; the tokenizer comes with the policy and
-the frozen reference is the same weights (when β > 0).
+the frozen reference is the same weights (when β > 0). With `--config.lora.rank=16` the policy is
+LoRA adapters on that frozen base (`common.Finetuning`), which is then also the reference; the
+checkpoints hold the adapters, and sampling runs the merged weights.
 
 Each iteration (one step of `jaxlm.loop`): `rollout.prompts` prompts, each sampled
 `rollout.group_size` times in one sampler call → the completions decoded and scored by the reward
@@ -46,7 +48,6 @@ from jaxlm import checkpoint, init_source, loop, optim, rewards, rl, runtime, sa
 from jaxlm.data import chat
 from jaxlm.hf import load_tokenizer
 from jaxlm.model import Model, ModelConfig
-from jaxlm.reward_model import ScalarHeadModel
 from jaxlm.steps import grpo, ppo
 
 _CONFIG = common.define_config("grpo_tiny.py")
@@ -124,12 +125,13 @@ def reasoning_words(texts: list[str]) -> list[int]:
 def main(argv):
     del argv
     cfg = _CONFIG.value
-    workdir = runtime.start(cfg, _WORKDIR.value, "grpo")
+    # The stage's own checks come before runtime.start: a bad command creates nothing.
     if not cfg.policy_from:
         raise ValueError("--config.policy_from (an SFT workdir or hf:PATH) is required")
-    if jax.process_count() > 1:
-        raise ValueError("experiments.grpo runs in one process (its devices data-parallel); got "
-                         f"{jax.process_count()} processes")
+    for flag, value in (("rollout.prompts", cfg.rollout.prompts), ("grpo.minibatch_size", cfg.grpo.minibatch_size),
+                        ("grpo.grad_accum", cfg.grpo.grad_accum), ("grpo.epochs", cfg.grpo.epochs)):
+        if value < 1:
+            raise runtime.ConfigError(f"--config.{flag}={value}: must be >= 1")
     P, G = cfg.rollout.prompts, cfg.rollout.group_size
     rows, mb = P * G, cfg.grpo.minibatch_size
     if rows % mb or mb % cfg.grpo.grad_accum:
@@ -142,6 +144,10 @@ def main(argv):
                            overlong_buffer=cfg.rollout.overlong_buffer, grad_accum=cfg.grpo.grad_accum)
     reward_set = rewards.RewardSet.from_specs(rewards.parse_rewards(cfg.rewards))
     primary = reward_set.names[0]
+    workdir = runtime.start(cfg, _WORKDIR.value, "grpo")
+    if jax.process_count() > 1:
+        raise ValueError("experiments.grpo runs in one process (its devices data-parallel); got "
+                         f"{jax.process_count()} processes")
 
     policy_meta = init_source.load_meta(cfg.policy_from, "policy_from")
     tokenizer = load_tokenizer(policy_meta["tokenizer"])
@@ -163,8 +169,11 @@ def main(argv):
     mesh = runtime.mesh_from_config(cfg)
     iterations, epochs = cfg.train.iterations, cfg.grpo.epochs
     tx, schedule = optim.from_config(cfg.optim, iterations * epochs * (rows // mb))
-    state_sh = grpo.grpo_state_shardings(model, tx, mesh)
-    ref_params, _ = init_source.load_params(cfg.policy_from, shardings=state_sh.params, flag="policy_from")
+    # The policy, or LoRA adapters on its frozen base, which is then also the reference (no second copy).
+    tuning = common.Finetuning(cfg, policy_cfg, mesh, base_from=cfg.policy_from, flag="policy_from")
+    state_sh = grpo.grpo_state_shardings(tuning.trainable, tx, mesh)
+    ref_params = tuning.base if tuning.lora is not None else init_source.load_params(
+        cfg.policy_from, shardings=state_sh.params, flag="policy_from")[0]
     models = ppo.lm_models(model, None, None)  # The policy's logits only: no critic, no reward model.
     batch_sh = sharding.batch_sharding(mesh)
     use_ref = gcfg.beta > 0
@@ -173,26 +182,23 @@ def main(argv):
           f"{cfg.rewards}; β={gcfg.beta}{'' if use_ref else ' (no reference)'}; {len(prompts)} prompts (width "
           f"{width}), {len(eval_records)} eval prompts", flush=True)
 
-    rm = None
-    if cfg.reward_model.path:
-        rm_meta = init_source.load_meta(cfg.reward_model.path, "reward_model.path")
-        if not init_source.same_tokenizer(load_tokenizer(rm_meta["tokenizer"]), tokenizer):
-            raise ValueError(f"--config.reward_model.path={cfg.reward_model.path} uses another tokenizer than the policy")
-        rm_model = ScalarHeadModel(ModelConfig(**rm_meta["model"]))
-        rm_params, _ = init_source.load_params(cfg.reward_model.path, flag="reward_model.path")
-        rm_score = jax.jit(lambda p, b: rm_model.score(jax.lax.stop_gradient(p), b["tokens"], b["positions"],
-                                                       b["segment_ids"]))
-        rm = (rm_params, rm_score)
+    rm = rewards.RewardModelScorer.load(cfg.reward_model.path, tokenizer) if cfg.reward_model.path else None
 
     ref_fn = jax.jit(lambda ref, batch: grpo.reference_log_probs(models, ref, batch, gcfg.temperature))
     update_step = jax.jit(grpo.make_update_step(models, gcfg, tx), in_shardings=(state_sh, batch_sh),
                           out_shardings=(state_sh, None), donate_argnums=0)
+    if tuning.lora is not None:  # the adapters on the frozen base: an argument, never donated
+        lora_update = jax.jit(lambda state, mb, base: grpo.make_update_step(
+            ppo.lm_models(tuning.adapted.bind(base), None, None), gcfg, tx)(state, mb),
+            in_shardings=(state_sh, batch_sh, tuning.base_sh), out_shardings=(state_sh, None), donate_argnums=0)
+        update_step = lambda state, mb: lora_update(state, mb, tuning.base)
     advantages = jax.jit(lambda r: rl.group_advantages(r, G, gcfg.estimator))
+    take_rows = jax.jit(lambda data, idx: jax.tree.map(lambda x: x[idx], data))
 
     def sample(params, records: list[dict], key, greedy: bool = False):
         """One sampler call for `records` (already repeated per group): device batch and host texts."""
         tokens, lengths = sampling.prompts_to_batch([r["tokens"] for r in records], tokenizer.pad_id, bucket=width)
-        out = sampling.generate(model, params, tokens, lengths, max_new_tokens=cfg.rollout.max_new_tokens, rng=key,
+        out = sampling.generate(model, tuning.full_params(params), tokens, lengths, max_new_tokens=cfg.rollout.max_new_tokens, rng=key,
                                 temperature=cfg.rollout.temperature, eos_id=chat.stop_ids(tokenizer),
                                 pad_id=tokenizer.pad_id, greedy=greedy, mesh=mesh)
         batch = ppo.rollout_batch(tokens, lengths, out)
@@ -203,7 +209,7 @@ def main(argv):
         """Total reward per completion and each term (rewards named by their function)."""
         total, parts = reward_set.score([prompt_text(r) for r in records], texts, records)
         if rm is not None:
-            parts["reward_model"] = np.asarray(rm[1](rm[0], batch), np.float64)
+            parts["reward_model"] = rm(batch)
             total = total + np.float32(cfg.reward_model.weight) * parts["reward_model"].astype(np.float32)
         if gcfg.overlong == "penalty":
             parts["overlong_penalty"] = grpo.overlong_penalty(host["response_mask"].sum(-1), host["ended"],
@@ -218,7 +224,7 @@ def main(argv):
         """One iteration: sample and score groups (refilling dropped ones), advantages, updates."""
         t0 = time.perf_counter()
         sample_key, shuffle_key = grpo.iteration_keys(state)
-        kept, spare, first, rounds, sampled_groups, dropped = [], [], None, 0, 0, 0
+        kept, spare, batches, totals, first, rounds, sampled_groups, dropped = [], [], [], [], None, 0, 0, 0
         t_sample = t_score = 0.0
         while True:
             records = [prompts[i] for i in indices]
@@ -237,16 +243,21 @@ def main(argv):
                 first = dict(records=rows_records, texts=texts, total=total, parts=parts, host=host)
             for g in range(len(records)):
                 keep = informative[g] or not cfg.rollout.dynamic_sampling
-                (kept if keep else spare).append((batch, g, total[g * G:(g + 1) * G]))
+                (kept if keep else spare).append((rounds, g))
+            batches.append(batch)
+            totals.append(total)
             rounds += 1
             if len(kept) >= P or rounds > cfg.rollout.max_refills:
                 break
             indices = iterator.take(P)  # Refill: the next prompts; their position is checkpointed too.
         groups = (kept + spare)[:P]  # Not enough signal: uninformative groups (advantage 0) fill the batch.
-        take = lambda key: jnp.concatenate([b[key][g * G:(g + 1) * G] for b, g, _ in groups])
-        data = {k: take(k) for k in ("tokens", "positions", "segment_ids", "response_mask", "sampled_logp", "ended")}
-        rewards_kept = np.concatenate([r for _, _, r in groups])
-        data["advantages"] = advantages(jnp.asarray(rewards_kept))
+        # Their rows in the sampled batches laid end to end (each call samples P groups): one gather,
+        # none when the first call's groups are all kept.
+        row_ids = np.concatenate([(r * P + g) * G + np.arange(G) for r, g in groups])
+        pool = {k: jnp.concatenate([b[k] for b in batches]) if len(batches) > 1 else batches[0][k]
+                for k in ("tokens", "positions", "segment_ids", "response_mask", "sampled_logp", "ended")}
+        data = pool if np.array_equal(row_ids, np.arange(rows)) else take_rows(pool, row_ids)
+        data["advantages"] = advantages(jnp.asarray(np.concatenate(totals)[row_ids]))
         data["old_logp"] = data.pop("sampled_logp")
         data["loss_mask"] = data["response_mask"] * (data["ended"][:, None] if gcfg.overlong == "mask" else 1.0)
         ts = time.perf_counter()
@@ -319,12 +330,14 @@ def main(argv):
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints)
     meta = {"stage": "grpo", "model": dataclasses.asdict(policy_cfg), "tokenizer": local_tokenizer,
-            "config": cfg.to_dict(), "policy_from": cfg.policy_from}
+            "config": cfg.to_dict(), "policy_from": cfg.policy_from, **tuning.meta()}
     outcome = loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train, steps=iterations, eval_every=cfg.eval.every),
         desc="grpo", step_fn=step_fn, batches=iterator,
-        init_state=lambda: grpo.create_grpo_state(model, tx, mesh, cfg.train.seed, ref_params)[0],
-        abstract_state=grpo.abstract_grpo_state(model, tx, state_sh), meta=meta,
+        init_state=lambda: grpo.create_grpo_state(tuning.trainable, tx, mesh, cfg.train.seed, ref_params if
+                                                  tuning.lora is None else tuning.initial_params(cfg, state_sh.params,
+                                                                                                 None))[0],
+        abstract_state=grpo.abstract_grpo_state(tuning.trainable, tx, state_sh), meta=meta,
         evaluate=evaluate if eval_records else None, initial_eval=initial_eval if eval_records else None,
         hooks=[loop.Hook(cfg.train.sample_every, write_samples)], finite_keys=("loss",),
         progress_keys={"reward": "reward", "acc": "accuracy", "len": "completion_length", "eval": "eval_accuracy"},

@@ -358,6 +358,9 @@ def main(argv):
             "tokenizer": local_tokenizer, "config": cfg.to_dict(), "policy_from": cfg.policy_from,
             "reward_from": cfg.reward_from, "reward_normalization": reward_meta.get("reward_normalization"),
             **tuning.meta()}
+    if tuning.lora is not None:  # the critic's adapters adapt the reward model's trunk: exported merged onto it
+        meta["lora"]["critic_base"] = cfg.reward_from if init_source.is_hf(cfg.reward_from) else os.path.abspath(
+            cfg.reward_from)
     outcome = loop.train(
         workdir, ckpt, loop.Cadence.from_config(cfg.train, steps=iterations, eval_every=cfg.eval.every),
         desc="ppo", step_fn=step_fn, batches=PromptIterator(len(prompts), B, cfg.data.seed),

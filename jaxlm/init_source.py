@@ -147,7 +147,8 @@ def load_for_inference(path: str, step: int | None = None) -> tuple[Model, Any, 
 def run_params(path: str, step: int | None, *, item: str = "params", shardings: Any = None,
                 flag: str = "init_from") -> tuple[Any, dict]:
     """A jaxlm run's `item`; a LoRA run's (meta `lora`: its adapters and the base they adapt) merged
-    onto that base, so every reader gets whole weights ({"trunk", "head"} for a reward run)."""
+    onto that base, so every reader gets whole weights ({"trunk", "head"} for a reward run, and for
+    PPO's `critic`, whose adapters are merged onto the reward model's trunk)."""
     directory = checkpoint.checkpoint_dir(path)
     if step is None:
         found = checkpoint.newest_meta(directory)
@@ -156,13 +157,25 @@ def run_params(path: str, step: int | None, *, item: str = "params", shardings: 
         source = checkpoint.Checkpointer(directory, async_save=False, create=False)
         peek = source.restore_meta(step)
         source.close()
-    if "lora" not in peek or item != "params":
+    if "lora" not in peek or item not in ("params", "critic"):
         return checkpoint.load_params(path, step, item=item, shardings=shardings)
     adapters, meta = checkpoint.load_params(path, step, item=item)  # small: on the first device
     lcfg = lora.config_of_meta(meta["lora"])
-    scored = "trunk" in adapters  # a reward model: {"trunk": adapters, "head"}
+    scored = "trunk" in adapters  # a reward model, or PPO's critic: {"trunk": adapters, "head"}
     trunk_sh = shardings["trunk"] if scored and shardings is not None else shardings
+    if item == "critic":  # PPO's LoRA critic adapts the reward model's trunk (its reward_from)
+        source = meta["lora"].get("critic_base") or meta["reward_from"]
+        reward, _ = load_params(source, shardings=None if shardings is None else {"trunk": trunk_sh,
+                                                                                  "head": shardings["head"]},
+                                flag=f"{flag} (its critic's base)")
+        merged = jax.jit(lambda b, a: lora.merge(b, a, lcfg), out_shardings=trunk_sh)(reward["trunk"],
+                                                                                     adapters["trunk"])
+        return {**adapters, "trunk": merged}, meta
     base, _ = load_params(meta["lora"]["base"], shardings=trunk_sh, flag=f"{flag} (its lora.base)")
+    if meta["lora"].get("base_fingerprint"):  # the adapters belong to the weights the run started on
+        lora.check_same_base(meta["lora"]["base_fingerprint"],
+                             lora.base_fingerprint(base, fingerprint(meta["lora"]["base"]).get("step")),
+                             run=os.path.abspath(path), base=meta["lora"]["base"])
     merged = jax.jit(lambda b, a: lora.merge(b, a, lcfg), out_shardings=trunk_sh)(
         base, adapters["trunk"] if scored else adapters)
     return ({**adapters, "trunk": merged} if scored else merged), meta

@@ -7,7 +7,9 @@ another run in the workdir) reaches the user as its message alone, with exit sta
 written:
 - checks the shared config blocks (optimizer, cadence, sizes): a negative learning rate or zero
   steps is an error, a warm-up longer than the run a warning;
-- locks the workdir (process 0): a second run on the same workdir stops, naming the first one's pid;
+- locks the workdir, every process its own lock file (WORKDIR/.lock for process 0, .lock.I for
+  process I), and the processes agree: a second run on the same workdir stops on every process,
+  naming the first one's pid, also when the two runs have different numbers of processes;
 - compares the command with the run already in the workdir (its newest checkpoint's meta): the
   stage, the runs it starts from (`init_from`, `policy_from`, ...) and, for a fresh model, the
   model's shape and tokenizer flags must be the same, else it stops, saying what differs, with
@@ -30,6 +32,7 @@ from typing import Callable
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 
 from jaxlm import checkpoint, sharding
@@ -37,11 +40,11 @@ from jaxlm import checkpoint, sharding
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move the run already in --workdir aside (to WORKDIR.replaced-"
                                "TIME, nothing is deleted) and start a new one there.")
 
-LOCK_FILE = ".lock"
-# Runs a stage starts from: a rerun must name the same ones.
-SOURCE_FIELDS = ("init_from", "policy_from", "reward_from", "reference_from", "feedback_from")
+LOCK_FILE = ".lock"  # process 0's; process I of a multi-process run holds LOCK_FILE.I
+# Runs a stage starts from: a rerun must name the same ones (dotted: a field of a block).
+SOURCE_FIELDS = ("init_from", "policy_from", "reward_from", "reference_from", "feedback_from", "reward_model.path")
 # Model fields that change how it computes, not what it is: a rerun may change them.
-COMPUTE_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl")
+COMPUTE_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl", "logits_chunk")
 
 
 class ConfigError(ValueError):
@@ -99,6 +102,14 @@ def exit_on_config_error(e: Exception) -> None:
     sys.exit(1)
 
 
+def flag_error(e: Exception, flag: str, value: str) -> Exception:
+    """`e` (a ValueError or FileNotFoundError about the path `value`) as the same kind of error, its
+    message beginning with the flag that gave the path: `--flag=value...`."""
+    text = str(e)
+    text = f"--{flag}={text}" if text.startswith(value) else f"--{flag}={value}: {text}"
+    return (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(text)
+
+
 def _traceback_wanted() -> bool:
     try:
         if flags.FLAGS["verbosity"].present:
@@ -126,15 +137,17 @@ def start(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> str:
         print(f"Process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
               f"{jax.default_backend()} devices, {jax.device_count()} in all", flush=True)
     workdir = os.path.abspath(workdir)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        lock_workdir(workdir)
+    lock_every_process(workdir)
     found = checkpoint.newest_meta(os.path.join(workdir, "checkpoints"))
-    if found is not None and flags.FLAGS["overwrite"].value:
+    # any_process: every process has looked before process 0 moves the run away.
+    if flags.FLAGS["overwrite"].value and sharding.any_process(found is not None):
         if jax.process_index() == 0:
             moved = move_aside(workdir)
             print(f"--overwrite: the run that was in {workdir} is now in {moved}; starting a new one", flush=True)
         sharding.barrier("overwrite")
+        if jax.process_index() != 0:  # its lock file moved with the old run: take one in the new WORKDIR
+            os.close(_LOCKS.pop(workdir))
+            lock_workdir(workdir)
     elif found is not None:
         differences = rerun_differences(stage, cfg.to_dict(), found[1])
         if differences:
@@ -149,22 +162,54 @@ def start(cfg: ml_collections.ConfigDict, workdir: str, stage: str) -> str:
 _LOCKS: dict[str, int] = {}  # workdir -> the open lock file, held until the process ends
 
 
-def lock_workdir(workdir: str) -> None:
-    """Hold an exclusive lock on WORKDIR/.lock for the life of this process (released by the OS even
-    after SIGKILL); a second run on the same workdir raises WorkdirBusy naming the first one's pid."""
-    path = os.path.join(workdir, LOCK_FILE)
+def lock_workdir(workdir: str, process: int | None = None) -> None:
+    """Hold an exclusive lock on WORKDIR/.lock (process 0; WORKDIR/.lock.I for process I) for the life
+    of this process (released by the OS even after SIGKILL); if another process holds it, raise
+    WorkdirBusy naming that one's pid."""
+    holder = _try_lock(workdir, jax.process_index() if process is None else process)
+    if holder is not None:
+        raise WorkdirBusy(_busy_message(workdir, holder))
+
+
+def _try_lock(workdir: str, process: int) -> str | None:
+    """Lock this process's lock file of WORKDIR; None when done, else what the holder wrote ("PID TIME")."""
+    path = os.path.join(workdir, LOCK_FILE if process == 0 else f"{LOCK_FILE}.{process}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid, _, since = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
         os.close(fd)
-        since = f", since {since}" if since else ""
-        raise WorkdirBusy(f"{workdir} is in use by another run (pid {pid or 'unknown'}{since}); wait for it to end, "
-                          "or use another --workdir") from None
+        return holder
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _LOCKS[workdir] = fd
+    return None
+
+
+def _busy_message(workdir: str, holder: str) -> str:
+    pid, _, since = holder.partition(" ")
+    since = f", since {since}" if since else ""
+    return (f"{workdir} is in use by another run (pid {pid or 'unknown'}{since}); wait for it to end, or use another "
+            "--workdir")
+
+
+def lock_every_process(workdir: str) -> None:
+    """Create WORKDIR and lock it on every process (`lock_workdir`). With several processes they then
+    agree (a collective), so all of them stop when any finds its lock held, rather than the others
+    waiting in a collective for the ones that stopped; the message names the holder's pid."""
+    os.makedirs(workdir, exist_ok=True)
+    holder = _try_lock(workdir, jax.process_index())
+    if jax.process_count() == 1:
+        if holder is not None:
+            raise WorkdirBusy(_busy_message(workdir, holder))
+        return
+    pid = int(holder.split()[0]) if holder and holder.split()[0].isdigit() else (0 if holder is None else -1)
+    pids = np.asarray(sharding.host_copy(np.asarray([pid], np.int64))).ravel()  # -1: held, pid unknown
+    if pids.any():
+        known = [int(p) for p in pids if p > 0]
+        raise WorkdirBusy(f"{_busy_message(workdir, str(known[0]) if known else '')} (found by process(es) "
+                          f"{[i for i, p in enumerate(pids) if p]} of this run)")
 
 
 def move_aside(workdir: str) -> str:
@@ -190,7 +235,7 @@ def rerun_differences(stage: str, config: dict, run_meta: dict) -> list[str]:
     if run_meta.get("stage") not in (None, stage):
         out.append(f"the stage: the run is {run_meta['stage']!r}, this command is {stage!r}")
     for key in SOURCE_FIELDS:
-        old, new = run_config.get(key, ""), config.get(key, "")
+        old, new = _field(run_config, key), _field(config, key)
         if _same_path(old) != _same_path(new):
             out.append(f"--config.{key}: the run has {old!r}, this command {new!r}")
     for key in ("rank", "targets"):  # LoRA adapters' shapes
@@ -212,6 +257,13 @@ def rerun_differences(stage: str, config: dict, run_meta: dict) -> list[str]:
         out.append(f"--config.data.tokenizer_vocab_size: the run has {run_data.get('tokenizer_vocab_size')!r}, "
                    f"this command {data.get('tokenizer_vocab_size')!r}")
     return out
+
+
+def _field(config: dict, dotted: str):
+    """config["a"]["b"] for "a.b"; "" where the config has no such field."""
+    for key in dotted.split("."):
+        config = config.get(key, "") if isinstance(config, dict) else ""
+    return config
 
 
 def _same_path(path) -> str:

@@ -1,9 +1,12 @@
 """LoRA (jaxlm.lora): zero adapters are the base, merged equals unmerged, gradients reach only
 the adapters (and the reward head), the reference with adapters off is the base, dropout."""
 
+import dataclasses
 import functools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -238,6 +241,73 @@ def test_peft_round_trip_matches_hf_peft_logits(setup, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, adapters))
 
 
+# --- Runs on disk: the base's fingerprint, PPO's critic merged for export ----------------------------------
+
+
+def _save_run(directory, step, state, meta):
+    from jaxlm import checkpoint
+    ckpt = checkpoint.Checkpointer(str(directory / "checkpoints"), async_save=False)
+    ckpt.save(step, {"step": jnp.int32(step), **state}, meta={"model": dataclasses.asdict(CFG), "tokenizer": "", **meta})
+    ckpt.close()
+
+
+def test_a_changed_base_is_refused_on_resume_and_when_merged(setup, tmp_path):
+    """A LoRA run records its base's fingerprint (step, shapes, sums); the loop refuses to resume it,
+    and init_source to merge its adapters, once the base changed: one line naming both paths."""
+    from jaxlm import checkpoint, init_source, loop
+    _, base, _, _ = setup
+    adapters = _random_adapters(8)
+    stored = lora.base_fingerprint(base, 1)
+    assert lora.base_changes(stored, lora.base_fingerprint(jax.tree.map(jnp.copy, base), 1)) == []
+    nudged = jax.tree.map(lambda x: x, base)
+    nudged["blocks"] = {**base["blocks"], "mlp": {**base["blocks"]["mlp"], "w_up": base["blocks"]["mlp"]["w_up"] * 1.001}}
+    assert lora.base_changes(stored, lora.base_fingerprint(nudged, 1)) == ["other weights"]
+    assert lora.base_changes(stored, lora.base_fingerprint(base, 2)) == ["step 1 -> 2"]
+
+    _save_run(tmp_path / "base", 1, {"params": base}, {"stage": "sft"})
+    meta = {"stage": "sft", "lora": lora.meta(LORA, str(tmp_path / "base"), init_source_fp(tmp_path / "base", base))}
+    _save_run(tmp_path / "run", 1, {"params": adapters}, meta)
+    merged, _ = init_source.run_params(str(tmp_path / "run"), None)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(merged), jax.device_get(lora.merge(base, adapters, LORA)))
+
+    _save_run(tmp_path / "base", 2, {"params": nudged}, {"stage": "sft"})  # the base trained on
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'base'} changed since the LoRA run {tmp_path / 'run'} "
+                                                   "started on it (step 1 -> 2; other weights)")):
+        init_source.run_params(str(tmp_path / "run"), None)
+    now = {**meta, "lora": lora.meta(LORA, str(tmp_path / "base"), init_source_fp(tmp_path / "base", nudged))}
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
+    with pytest.raises(ValueError, match=re.escape(f"changed since the LoRA run {tmp_path / 'run'} started on it")):
+        loop.train(str(tmp_path / "run"), ckpt, loop.Cadence(steps=2), step_fn=None, batches=None, init_state=None,
+                   abstract_state=None, meta=now, desc="resume")
+    ckpt.close()
+
+
+def init_source_fp(run, params):
+    """The fingerprint a stage records for the jaxlm base `run` holding `params` (common.Finetuning)."""
+    from jaxlm import init_source
+    return lora.base_fingerprint(params, init_source.fingerprint(str(run))["step"])
+
+
+def test_ppo_lora_critic_is_merged_onto_the_reward_trunk(setup, tmp_path):
+    """PPO with LoRA saves the critic as adapters on the reward model's trunk plus its own head;
+    readers of `critic` (tools.hf_export --item=critic) get it merged onto that trunk."""
+    from jaxlm import init_source
+    _, base, _, _ = setup
+    reward = {"trunk": _normal_tree(Model(CFG).abstract_params(), 9, 0.1),
+              "head": {"kernel": jnp.full((32,), 0.1), "bias": jnp.zeros(())}}
+    _save_run(tmp_path / "reward", 1, {"params": reward}, {"stage": "reward"})
+    _save_run(tmp_path / "policy", 1, {"params": base}, {"stage": "sft"})
+    critic = {"trunk": _random_adapters(10), "head": {"kernel": jnp.full((32,), 0.2), "bias": jnp.ones(())}}
+    meta = {"stage": "ppo", "reward_from": "elsewhere",  # as given on the command line: relative, maybe
+            "lora": {**lora.meta(LORA, str(tmp_path / "policy"), init_source_fp(tmp_path / "policy", base)),
+                     "critic_base": str(tmp_path / "reward")}}
+    _save_run(tmp_path / "ppo", 1, {"params": _random_adapters(11), "critic": critic}, meta)
+    merged, _ = init_source.run_params(str(tmp_path / "ppo"), None, item="critic")
+    want = lora.merge(reward["trunk"], critic["trunk"], LORA)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(merged["trunk"]), jax.device_get(want))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(merged["head"]), jax.device_get(critic["head"]))
+
+
 # --- The binaries: a peft adapter continued on an HF base, checkpoints of adapters, SIGKILL resume --------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,51 +358,106 @@ def hf_base_and_adapter(tmp_path_factory):
     return d
 
 
+def _env(d):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(d / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def _sft(d, workdir, *extra):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(d / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     args = [f"--workdir={workdir}", f"--config.init_from=hf:{d / 'base'}", f"--config.lora.adapter={d / 'adapter'}",
             f"--config.data.train_files={d / 'sft.jsonl'}", "--config.data.seq_len=48", "--config.data.batch_size=4",
-            "--config.train.steps=4", "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=4",
-            "--config.train.log_every=1", "--config.train.samples=0", "--config.optim.warmup_steps=2", *extra]
-    return subprocess.run([sys.executable, "-m", "experiments.sft", *args], cwd=ROOT, env=env, capture_output=True,
+            "--config.train.steps=3", "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=3",
+            "--config.train.log_every=1", "--config.train.samples=0", "--config.optim.warmup_steps=1", *extra]
+    return subprocess.run([sys.executable, "-m", "experiments.sft", *args], cwd=ROOT, env=_env(d), capture_output=True,
                           text=True, timeout=600)
 
 
-def test_sft_continues_a_peft_adapter_on_an_hf_base_and_resumes_bitwise(hf_base_and_adapter, tmp_path):
+@pytest.fixture(scope="module")
+def sft_run(hf_base_and_adapter, tmp_path_factory):
+    """One finished LoRA SFT run (3 steps, a checkpoint after each) continuing the peft adapter on the HF
+    base: the run every binary test below reads."""
+    workdir = tmp_path_factory.mktemp("lora_sft") / "straight"
+    proc = _sft(hf_base_and_adapter, workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
+
+
+def test_sft_resumes_bitwise_after_a_kill(hf_base_and_adapter, sft_run, tmp_path):
+    """The finished run's directory as a SIGKILL after step 2 leaves it (`crash_if_asked` waits for the
+    saves, then kills: checkpoints 1 and 2, nothing later), resumed: step 3 equals the uninterrupted run's
+    bit for bit (adapters, optimizer state, key, step), the base reloaded from the meta's pointer."""
+    from jaxlm import checkpoint
+    crashed = tmp_path / "crashed"
+    shutil.copytree(sft_run, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "3")
+    resumed = _sft(hf_base_and_adapter, crashed)
+    assert resumed.returncode == 0 and "Resuming from step 2" in resumed.stdout, resumed.stderr[-4000:]
+    for item in ("params", "opt_state", "rng", "step"):
+        a, _ = checkpoint.load_params(str(sft_run), item=item)
+        b, _ = checkpoint.load_params(str(crashed), item=item)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=item)
+
+
+def test_sft_continues_a_peft_adapter_on_an_hf_base(hf_base_and_adapter, sft_run, tmp_path):
     from jaxlm import checkpoint, init_source
     from jaxlm.hf import adapter as hf_adapter
     d = hf_base_and_adapter
-    straight = _sft(d, tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-4000:]
-    crashed = _sft(d, tmp_path / "crashed", "--config.train.crash_after_step=3")
-    assert crashed.returncode == -9, crashed.stderr[-4000:]
-    resumed = _sft(d, tmp_path / "crashed")
-    assert resumed.returncode == 0 and "Resuming from step 3" in resumed.stdout, resumed.stderr[-4000:]
-
-    for item in ("params", "opt_state", "rng", "step"):
-        a, _ = checkpoint.load_params(str(tmp_path / "straight"), item=item)
-        b, meta = checkpoint.load_params(str(tmp_path / "crashed"), item=item)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=item)
-    # The checkpoint holds the adapters only, and points at the base.
+    last, meta = checkpoint.load_params(str(sft_run))
+    # The checkpoint holds the adapters only, and points at the base (with its fingerprint).
     assert meta["lora"]["base"] == f"hf:{d / 'base'}" and meta["lora"]["config"]["rank"] == 2
     assert set(meta["lora"]["config"]["targets"]) == {"q", "v", "down"}
+    assert meta["lora"]["base_fingerprint"]["step"] is None and meta["lora"]["base_fingerprint"]["sums"]
     lcfg, imported = hf_adapter.load_adapter(str(d / "adapter"), ModelConfig(**meta["model"]))
-    first, _ = checkpoint.load_params(str(tmp_path / "straight"), step=1)  # warm-up: step 1 has learning rate 0
+    first, _ = checkpoint.load_params(str(sft_run), step=1)  # warm-up: step 1 has learning rate 0
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(first), imported)
-    last, _ = checkpoint.load_params(str(tmp_path / "straight"))
     assert float(np.max(np.abs(last["blocks"]["attn"]["wq"]["b"] - imported["blocks"]["attn"]["wq"]["b"]))) > 0
     # Readers get whole weights: the adapters merged onto the base the meta points at.
-    _, merged, _ = init_source.load_for_inference(str(tmp_path / "straight"))
+    _, merged, _ = init_source.load_for_inference(str(sft_run))
     base, _ = init_source.load_params(f"hf:{d / 'base'}")
     np.testing.assert_allclose(np.asarray(merged["blocks"]["attn"]["wq"]),
                                np.asarray(lora.merge(base, last, lcfg)["blocks"]["attn"]["wq"]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(merged["blocks"]["attn"]["wk"]), np.asarray(base["blocks"]["attn"]["wk"]))
     # Export the adapter alone, in peft's format: what we trained, read back exactly.
-    export = subprocess.run([sys.executable, "-m", "tools.hf_export", f"--checkpoint={tmp_path / 'straight'}",
+    export = subprocess.run([sys.executable, "-m", "tools.hf_export", f"--checkpoint={sft_run}",
                              f"--out={tmp_path / 'export'}", "--adapter"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            timeout=300, env=_env(d))
     assert export.returncode == 0, export.stderr[-4000:]
     _, exported = hf_adapter.load_adapter(str(tmp_path / "export"), ModelConfig(**meta["model"]))
     jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(last))
+
+
+LENGTH_REWARD = '''
+def length(prompts, completions, records):
+    """Longer answers score higher, up to 24 characters: rewards that differ within a group."""
+    return [min(len(c), 24) / 24 for c in completions]
+'''
+
+
+def test_grpo_trains_adapters_against_the_base_as_reference(hf_base_and_adapter, tmp_path):
+    """GRPO with LoRA on the HF base (β > 0): the checkpoint holds adapters only, pointing at the base;
+    the reference is the base exactly (KL 0 at the first iteration, whose policy is the base; the
+    policy moves away from it after); the adapters train (B leaves zero)."""
+    from jaxlm import checkpoint
+    d = hf_base_and_adapter
+    (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
+    env = {**_env(d), "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    workdir = tmp_path / "grpo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.grpo", f"--workdir={workdir}", f"--config.policy_from=hf:{d / 'base'}",
+         f"--config.data.prompts_file={d / 'sft.jsonl'}", "--config.rewards=length_reward:length=1.0",
+         "--config.lora.rank=4", "--config.lora.targets=q,v,down", "--config.rollout.prompts=2",
+         "--config.rollout.group_size=4", "--config.rollout.max_new_tokens=8", "--config.grpo.minibatch_size=8",
+         "--config.grpo.beta=0.04", "--config.train.iterations=3", "--config.train.checkpoint_every=3",
+         "--config.train.sample_every=0", "--config.eval.every=0", "--config.optim.warmup_steps=0",
+         "--config.optim.learning_rate=3e-2",
+         "--config.rollout.overlong=none"],  # a random model never ends in 8 tokens: train on truncated answers
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    adapters, meta = checkpoint.load_params(str(workdir))
+    assert meta["lora"]["base"] == f"hf:{d / 'base'}" and set(adapters) == {"blocks"}
+    assert {k for group in adapters["blocks"].values() for k in group} == {"wq", "wv", "w_down"}
+    assert all(float(np.max(np.abs(ad["b"]))) > 0 for group in adapters["blocks"].values() for ad in group.values())
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    kl = [line["kl_k1"] for line in lines if "kl_k1" in line]
+    assert len(kl) == 3 and abs(kl[0]) < 1e-4 and abs(kl[-1]) > 1e-3, kl

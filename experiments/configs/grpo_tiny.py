@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
         grad_accum=1,
     ))
     c.optim = common.optim(learning_rate=2e-4, warmup_steps=5)
+    c.lora = common.lora()  # rank > 0: LoRA adapters on the frozen policy_from weights (README, "LoRA")
     c.train = ml_collections.ConfigDict(dict(
         iterations=40,
         seed=0, log_every=1, checkpoint_every=10, keep_checkpoints=2,
