@@ -10,6 +10,14 @@ held-out prompts → DIR/report.md (+ report.html, plots/).
 Each training stage is its own binary, run as a subprocess in DIR/<stage>/ with its own config
 file (so each can be rerun, inspected and scaled alone); a finished stage leaves DIR/<stage>/DONE.
 Rerunning the pipeline skips finished stages and resumes the interrupted one from its checkpoint.
+
+The entry point follows the binaries' rules (`jaxlm.runtime`): bad flags and bad input are one line
+and exit 1; the config is checked before anything is written; DIR is locked (DIR/.lock) for the
+pipeline's life; DIR/config.json, written when the first stage starts, records the settings, and a
+rerun whose settings differ for a finished stage (its block, or what its output depends on:
+`STAGE_SETTINGS`) stops before touching anything, saying what differs (another --workdir,
+--overwrite, or deleting DIR/<stage>/ redoes it). Unfinished stages may change: each binary makes
+its own rerun check.
 """
 
 from __future__ import annotations
@@ -22,24 +30,61 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(  # found from the package: runs from any directory
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_tiny.py"),
-    "Pipeline config.")
+from jaxlm import runtime
+
+try:
+    _CONFIG = config_flags.DEFINE_config_file(  # found from the package: runs from any directory
+        "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pipeline_tiny.py"),
+        "Pipeline config.")
+except (AttributeError, KeyError, TypeError, ValueError) as e:  # an override naming no field: one line
+    runtime.exit_on_config_error(e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage's run and the report.", required=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What each stage's output depends on: a rerun may not change these for a finished stage.
+STAGE_SETTINGS = {"data": ("seed", "data"), "tokenizer": ("tokenizer_vocab_size",), "pretrain": ("pretrain",),
+                  "sft": ("sft",), "grpo": ("grpo",), "preferences": ("preferences", "seed"), "reward": ("reward",),
+                  "ppo": ("ppo",), "dpo": ("dpo",), "cai": ("cai", "seed"), "evaluate": ("evaluate",)}
+PREFERENCE_SOURCES = ("sft_samples", "tinyworld", "sft_samples+tinyworld")
+DPO_PAIRS = ("preferences", "tinyworld")
+
+
+def check_config(cfg) -> list[str]:
+    """The stages to run, after checking what the pipeline reads of `cfg` (ConfigError naming the flag),
+    so a typo fails at once rather than after the stages before it."""
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGE_SETTINGS]
+    if unknown or not stages:
+        raise runtime.ConfigError(f"--config.stages={cfg.stages}: unknown stage(s) {unknown}; the stages are "
+                                  f"{','.join(STAGE_SETTINGS)}")
+    if cfg.preferences.source not in PREFERENCE_SOURCES:
+        raise runtime.ConfigError(f"--config.preferences.source={cfg.preferences.source}: expected one of "
+                                  f"{', '.join(PREFERENCE_SOURCES)}")
+    if cfg.dpo.pairs not in DPO_PAIRS:
+        raise runtime.ConfigError(f"--config.dpo.pairs={cfg.dpo.pairs}: expected one of {', '.join(DPO_PAIRS)}")
+    for key, low in (("cpu_devices", 0), ("tokenizer_vocab_size", 1)):
+        if cfg.get(key, low) < low:
+            raise runtime.ConfigError(f"--config.{key}={cfg[key]}: must be >= {low}")
+    for stage in stages:
+        block = cfg.get(stage)
+        if block is None or not isinstance(block.get("flags"), str):
+            continue
+        try:
+            shlex.split(block.flags)
+        except ValueError as e:
+            raise runtime.ConfigError(f"--config.{stage}.flags={block.flags}: {e}") from None
+        if "config" in block and not os.path.isfile(os.path.join(ROOT, block.config)):
+            raise runtime.ConfigError(f"--config.{stage}.config={block.config}: no such file (relative to {ROOT})")
+    return stages
 
 
 class Pipeline:
     def __init__(self, cfg, workdir: str):
         self.cfg, self.dir = cfg, os.path.abspath(workdir)
-        self.stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-        unknown = [s for s in self.stages if not hasattr(self, "stage_" + s)]
-        if unknown:
-            raise app.UsageError(f"--config.stages: unknown stage(s) {unknown}")
+        self.stages = check_config(cfg)
         self.start = time.perf_counter()
 
     def path(self, *parts: str) -> str:
@@ -53,14 +98,17 @@ class Pipeline:
     # Running stages
 
     def run(self):
-        os.makedirs(self.dir, exist_ok=True)
         timings = self._read_timings()
+        started = False
         for i, name in enumerate(self.stages, 1):
             done = self.path(name, "DONE")
             header = f"[{i}/{len(self.stages)}] {name}"
             if os.path.exists(done):
                 print(f"{header}: done earlier ({timings.get(name, 0):.0f}s), skipped", flush=True)
                 continue
+            if not started:  # Not before: a command that fails its checks leaves the old one.
+                self._write_config()
+                started = True
             elapsed = time.perf_counter() - self.start
             print(f"\n{'=' * 80}\n{header}   (pipeline time so far {elapsed / 60:.1f} min)\n{'=' * 80}", flush=True)
             t0 = time.perf_counter()
@@ -75,6 +123,57 @@ class Pipeline:
         report = self.path("report.md")
         print("\nPipeline finished. " + (f"Report: {report}" if os.path.exists(report) else
                                           "No report yet: it is written by the 'evaluate' stage."), flush=True)
+
+    # ---------------------------------------------------------------------------------------------
+    # The workdir: lock, rerun check, config.json
+
+    def open_workdir(self, overwrite: bool):
+        """Create and lock DIR; with `overwrite`, move a run already there aside (DIR.replaced-TIME);
+        else stop if a finished stage's settings differ from this command's (see the module docstring)."""
+        os.makedirs(self.dir, exist_ok=True)
+        runtime.lock_workdir(self.dir)
+        if overwrite and any(n != runtime.LOCK_FILE for n in os.listdir(self.dir)):
+            moved = runtime.move_aside(self.dir)
+            print(f"--overwrite: the pipeline that was in {self.dir} is now in {moved}; starting a new one", flush=True)
+            return
+        differences = self.rerun_differences()
+        if differences:
+            raise runtime.ConfigError(
+                f"{self.dir} holds a pipeline whose finished stages were made with other settings than this "
+                "command:\n  " + "\n  ".join(differences) + "\nNothing was changed. To start a new pipeline, use "
+                f"another --workdir, or add --overwrite to move this one aside (to {self.dir}.replaced-TIME); to "
+                f"redo one stage with the new settings, delete {self.dir}/<stage>/ (and the stages after it that "
+                "read it) and rerun.")
+
+    def rerun_differences(self) -> list[str]:
+        """Settings of finished stages (DIR/<stage>/DONE) in DIR/config.json that this command changes."""
+        try:
+            with open(self.path("config.json")) as f:
+                stored = json.load(f)
+        except FileNotFoundError:
+            return []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path('config.json')}: not valid JSON ({e.msg}); move it away to rerun "
+                             "without the check") from None
+        now = json.loads(json.dumps(self.cfg.to_dict(), default=str))
+        out = []
+        for stage, keys in STAGE_SETTINGS.items():
+            if not os.path.exists(self.path(stage, "DONE")):
+                continue
+            for key in keys:
+                if key not in stored or key not in now:
+                    continue
+                for flag, old, new in _changed(key, stored[key], now[key]):
+                    line = f"--config.{flag} (stage {stage} is finished): the run has {old!r}, this command {new!r}"
+                    if line not in out:
+                        out.append(line)
+        return out
+
+    def _write_config(self):
+        path = self.path("config.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.cfg.to_dict(), f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
 
     def _read_timings(self) -> dict:
         try:
@@ -145,9 +244,6 @@ class Pipeline:
         both kinds for training, the sampled pairs alone held out (summary.json counts both).
         """
         p, out = self.cfg.preferences, self.path("preferences")
-        sources = ("sft_samples", "tinyworld", "sft_samples+tinyworld")
-        if p.source not in sources:
-            raise app.UsageError(f"--config.preferences.source={p.source!r}: expected one of {sources}")
         if p.source == "tinyworld":
             os.makedirs(out, exist_ok=True)
             for name in ("preferences_train.jsonl", "preferences_valid.jsonl", "rl_prompts.jsonl"):
@@ -204,9 +300,7 @@ class Pipeline:
         """DPO from the SFT model on `dpo.pairs`: 'preferences' (the reward model's pairs) or
         'tinyworld' (TinyWorld's ready-made pairs: clear gaps between a reference answer and a
         flawed one, where the sampled pairs' small gaps make noisy labels)."""
-        pairs = {"preferences": self.path("preferences"), "tinyworld": self.data_dir}.get(self.cfg.dpo.pairs)
-        if pairs is None:
-            raise app.UsageError(f"--config.dpo.pairs={self.cfg.dpo.pairs!r}: expected 'preferences' or 'tinyworld'")
+        pairs = {"preferences": self.path("preferences"), "tinyworld": self.data_dir}[self.cfg.dpo.pairs]
         self.binary("experiments.dpo", self.path("dpo"), self.cfg.dpo.config, f"--config.init_from={self.path('sft')}",
                     f"--config.data.dir={pairs}",
                     f"--config.data.eval_prompts_file={self.data_dir}/eval_prompts.jsonl", extra=self.cfg.dpo.flags)
@@ -245,12 +339,24 @@ class Pipeline:
         report.evaluate_and_report(self.dir, self.data_dir, self.cfg.evaluate, self._read_timings())
 
 
+def _changed(flag: str, old, new):
+    """(flag, old, new) for each leaf of two config values that differ (a field only one of them has,
+    e.g. one the code added since, is not a difference)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) & set(new)):
+            yield from _changed(f"{flag}.{key}", old[key], new[key])
+    elif old != new:
+        yield flag, old, new
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint it reads at INFO.
         logging.set_verbosity(logging.WARNING)
-    Pipeline(_CONFIG.value, _WORKDIR.value).run()
+    pipeline = Pipeline(_CONFIG.value, _WORKDIR.value)
+    pipeline.open_workdir(flags.FLAGS["overwrite"].value)
+    pipeline.run()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    runtime.run(main)

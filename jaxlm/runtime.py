@@ -44,7 +44,7 @@ LOCK_FILE = ".lock"  # process 0's; process I of a multi-process run holds LOCK_
 # Runs a stage starts from: a rerun must name the same ones (dotted: a field of a block).
 SOURCE_FIELDS = ("init_from", "policy_from", "reward_from", "reference_from", "feedback_from", "reward_model.path")
 # Model fields that change how it computes, not what it is: a rerun may change them.
-COMPUTE_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl", "logits_chunk")
+COMPUTE_FIELDS = ("dtype", "remat", "scan_unroll", "attention_impl", "logits_chunk", "attention_chunk")
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ import math
 from typing import Sequence
 
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from jaxlm import runtime
 
@@ -86,20 +86,46 @@ def score_responses(rm, params, tokenizer, pairs: Sequence[tuple[str, str]], bat
     return np.concatenate(out)
 
 
+def read_pairs(path: str) -> list[dict]:
+    """The pair file's records; a line that is not an object with string prompt/chosen/rejected is a
+    DataError naming `path:line`."""
+    from jaxlm.data.sources import DataError
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON ({e.msg})", path, n) from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                       for k in ("prompt", "chosen", "rejected")):
+                raise DataError("expected an object with string 'prompt', 'chosen' and 'rejected'", path, n)
+            records.append(record)
+    if not records:
+        raise DataError("no pairs", path)
+    return records
+
+
 def main(argv):
     del argv
-    from jaxlm import checkpoint
+    from jaxlm import checkpoint, init_source
     from jaxlm.hf import load_tokenizer
     from jaxlm.model import ModelConfig
     from jaxlm.reward_model import ScalarHeadModel
 
-    params, meta = checkpoint.load_params(_CHECKPOINT.value)
+    if not flags.FLAGS["verbosity"].present:  # orbax logs each array it restores at INFO
+        logging.set_verbosity(logging.WARNING)
+    try:  # a LoRA reward run's adapters come merged onto their base
+        params, meta = init_source.run_params(_CHECKPOINT.value, None)
+    except (ValueError, FileNotFoundError) as e:
+        raise runtime.flag_error(e, "checkpoint", _CHECKPOINT.value) from None
     if "head" not in params:
         raise ValueError(f"--checkpoint={_CHECKPOINT.value} is a {meta.get('stage', '?')} run, "
                          f"{checkpoint.model_kind(params)}; this needs a reward model (a reward run)")
     rm, tokenizer = ScalarHeadModel(ModelConfig(**meta["model"])), load_tokenizer(meta["tokenizer"])
-    with open(_PAIRS.value) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_pairs(_PAIRS.value)
     chosen = score_responses(rm, params, tokenizer, [(r["prompt"], r["chosen"]) for r in records], _BATCH_SIZE.value)
     rejected = score_responses(rm, params, tokenizer, [(r["prompt"], r["rejected"]) for r in records],
                                _BATCH_SIZE.value)

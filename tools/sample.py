@@ -59,7 +59,10 @@ def main(argv):
         raise app.UsageError("give --prompt or --prompts_file")
     if not FLAGS["verbosity"].present:  # orbax logs each array it restores at INFO
         logging.set_verbosity(logging.WARNING)
-    model, params, tokenizer = init_source.load_for_inference(FLAGS.checkpoint)
+    try:
+        model, params, tokenizer = init_source.load_for_inference(FLAGS.checkpoint)
+    except (ValueError, FileNotFoundError) as e:  # the message names the path: say which flag gave it
+        raise runtime.flag_error(e, "checkpoint", FLAGS.checkpoint) from None
     rng = jax.random.key(FLAGS.seed)
     for start in range(0, len(prompts), FLAGS.batch_size):
         chunk = prompts[start:start + FLAGS.batch_size]
