@@ -12,8 +12,9 @@ own (`reward/<name>`). Built in:
     jaxlm.rewards:tinyworld_verifier   the correctness part of TinyWorld's gold judge (judge.verify)
     jaxlm.rewards:think_format         1 for `<think>steps</think> answer` (both parts non-empty), else 0
 
-A learned reward model (a jaxlm reward run or `hf:PATH`) scores token ids on the device, not text;
-experiments/grpo.py adds it as one more weighted term (`reward.model_from`).
+A learned reward model (a jaxlm reward run or `hf:PATH`) scores token ids on the device, not text:
+`RewardModelScorer.load(path, tokenizer)` (the tokenizer must be the policy's), which
+experiments/grpo.py adds as one more weighted term, `reward/reward_model` (`reward_model.path`).
 
 Failures are loud: a reward that raises, returns the wrong number of scores or a NaN/inf raises
 `RewardError` naming the function and the first prompt it failed on, never a silent zero.
@@ -22,17 +23,20 @@ Failures are loud: a reward that raises, returns the wrong number of scores or a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from jaxlm.data import chat
 
 RewardFn = Callable[[list, list, list], Sequence[float]]
 
-__all__ = ["RewardError", "RewardSet", "load_reward", "parse_rewards", "tinyworld_verifier", "think_format"]
+__all__ = ["RewardError", "RewardSet", "RewardModelScorer", "load_reward", "parse_rewards", "tinyworld_verifier",
+           "think_format"]
 
 
 class RewardError(ValueError):
@@ -145,3 +149,44 @@ def _first_failure(fn: RewardFn, prompts: list, completions: list, records: list
         except Exception:  # noqa: BLE001
             return f"first failing prompt: {prompts[i]!r} (completion {completions[i]!r})"
     return "each prompt alone succeeds (it fails only on the whole batch)"
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelScorer:
+    """A learned reward model as a reward term: ``scorer(batch) -> [B]`` float64 scores of the rows
+    (``tokens``, ``positions``, ``segment_ids`` ``[B, P + N]``, as `sampling.prompt_response_layout`
+    lays out prompt + completion), read at each row's last real token, the parameters frozen.
+
+    It scores token ids, not text, so it must read the policy's tokens: `load` refuses another
+    tokenizer. One compiled function per model config (`ScalarHeadModel` hashes by config).
+    """
+
+    model: Any  # jaxlm.reward_model.ScalarHeadModel
+    params: Any
+    path: str
+
+    @classmethod
+    def load(cls, path: str, tokenizer, flag: str = "reward_model.path") -> "RewardModelScorer":
+        """A jaxlm reward run's workdir or `hf:PATH` (a ...ForSequenceClassification export)."""
+        from jaxlm import init_source  # orbax and the HF loaders: only when a reward model is asked for.
+        from jaxlm.hf import load_tokenizer
+        from jaxlm.model import ModelConfig
+        from jaxlm.reward_model import ScalarHeadModel
+        meta = init_source.load_meta(path, flag)
+        if meta.get("stage") != "reward":
+            raise ValueError(f"--config.{flag}={path} is a {meta.get('stage')!r} checkpoint, not a reward model "
+                             "(a jaxlm reward run, or hf:PATH of a ...ForSequenceClassification export)")
+        if not init_source.same_tokenizer(load_tokenizer(meta["tokenizer"]), tokenizer):
+            raise ValueError(f"--config.{flag}={path} uses another tokenizer ({meta['tokenizer']}) than the policy; "
+                             "a reward model must read the policy's tokens")
+        params, _ = init_source.load_params(path, flag=flag)
+        return cls(ScalarHeadModel(ModelConfig(**meta["model"])), params, path)
+
+    def __call__(self, batch) -> np.ndarray:
+        return np.asarray(_score_rows(self.model, self.params, batch["tokens"], batch["positions"],
+                                      batch["segment_ids"]), np.float64)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_rows(model, params, tokens, positions, segment_ids) -> jax.Array:
+    return model.score(jax.lax.stop_gradient(params), tokens, positions, segment_ids)

@@ -209,23 +209,29 @@ def test_overlong_penalty_is_dapos_soft_ramp():
 TARGET, VOCAB = 2, 4
 
 
-def _bandit(beta: float, iterations: int, estimator: str):
-    """Policy: one response token after a one-token prompt; reward 1 for TARGET (exact match)."""
-    cfg_model = ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, max_seq_len=4,
-                            init_std=0.3)
-    model = Model(cfg_model)
+@pytest.fixture(scope="module")
+def bandit():
+    """What both bandits share, so the sampler and the probabilities compile once: the model (the
+    sampler's compiled function is keyed by the Model object), the reference and the prompts."""
+    model = Model(ModelConfig(vocab_size=VOCAB, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, max_seq_len=4,
+                              init_std=0.3))
     models = ppo.lm_models(model, None, None)
+    every = sampling.prompt_response_layout(np.ones((VOCAB, 1), np.int32), np.ones((VOCAB,), np.int32),
+                                            np.arange(VOCAB)[:, None], np.ones((VOCAB, 1)))
+    return dict(model=model, models=models, ref=jax.jit(model.init)(jax.random.PRNGKey(0)),
+                ref_fn=jax.jit(lambda ref, b: grpo.reference_log_probs(models, ref, b, 1.0)),
+                probs=jax.jit(lambda p: jnp.exp(ppo.rollout_log_probs(models, p, every, 1.0)[0][:, 0])),
+                prompts=np.ones((256, 1), np.int32), lengths=np.ones((256,), np.int32))
+
+
+def _bandit(bandit, beta: float, iterations: int, estimator: str):
+    """Policy: one response token after a one-token prompt; reward 1 for TARGET (exact match)."""
+    model, models, ref, prompts, lengths = (bandit[k] for k in ("model", "models", "ref", "prompts", "lengths"))
     cfg = grpo.GRPOConfig(group_size=8, estimator=estimator, beta=beta, max_new_tokens=1, clip_low=0.2,
                           clip_high=0.2)
-    ref = jax.jit(model.init)(jax.random.PRNGKey(0))
     tx = optax.adam(optax.linear_schedule(3e-2, 0.0, iterations))
     state, _ = grpo.create_grpo_state(model, tx, sharding.make_mesh(), 0, ref)
     update = jax.jit(grpo.make_update_step(models, cfg, tx), donate_argnums=0)
-    ref_fn = jax.jit(lambda ref, b: grpo.reference_log_probs(models, ref, b, 1.0))
-    prompts, lengths = np.ones((256, 1), np.int32), np.ones((256,), np.int32)
-    every = sampling.prompt_response_layout(np.ones((VOCAB, 1), np.int32), np.ones((VOCAB,), np.int32),
-                                            np.arange(VOCAB)[:, None], np.ones((VOCAB, 1)))
-    probs = jax.jit(lambda p: jnp.exp(ppo.rollout_log_probs(models, p, every, 1.0)[0][:, 0]))
     mismatch = []
     for _ in range(iterations):
         sample_key, shuffle_key = grpo.iteration_keys(state)
@@ -236,11 +242,11 @@ def _bandit(beta: float, iterations: int, estimator: str):
         data = {**batch, "old_logp": batch["sampled_logp"], "loss_mask": batch["response_mask"],
                 "advantages": rl.group_advantages(r, 8, estimator)}
         if beta > 0:
-            data["ref_logp"] = ref_fn(ref, data)
+            data["ref_logp"] = bandit["ref_fn"](ref, data)
         state, metrics = grpo.train_on_rollout(update, state, data, epochs=1, minibatch_size=256, key=shuffle_key)
         mismatch.append(metrics["logprob_mismatch"])
     assert int(state.iteration) == iterations and max(mismatch) < 1e-5  # sampler = trainer on the first update
-    return np.asarray(probs(ref), np.float64), np.asarray(probs(state.params), np.float64)
+    return np.asarray(bandit["probs"](ref), np.float64), np.asarray(bandit["probs"](state.params), np.float64)
 
 
 def test_update_step_with_8_microbatches_equals_one_batch(aggregation="sequence_mean"):
@@ -272,18 +278,18 @@ def test_update_step_with_8_microbatches_equals_one_batch(aggregation="sequence_
     np.testing.assert_allclose(float(m1["logprob_mismatch"]), 0.1, rtol=1e-5)
 
 
-def test_bandit_reaches_reward_one_without_kl():
-    ref, pi = _bandit(beta=0.0, iterations=15, estimator="grpo")
+def test_bandit_reaches_reward_one_without_kl(bandit):
+    ref, pi = _bandit(bandit, beta=0.0, iterations=15, estimator="grpo")
     assert ref[TARGET] < 0.5 and pi[TARGET] > 0.97
 
 
-def test_bandit_with_kl_reaches_the_reverse_kl_optimum():
+def test_bandit_with_kl_reaches_the_reverse_kl_optimum(bandit):
     """With RLOO's unbiased advantages and on-policy updates, the expected gradient is that of
     E[r] − β·KL(π_ref ‖ π) (k3's, above); its maximiser is computed exactly and must be reached.
     The KL(π ‖ π_ref) optimum π_ref·exp(r/β), which PPO's k1 penalty reaches, is a different
     distribution here, and the run must land measurably closer to the reverse-KL one."""
     beta = 0.5
-    ref, pi = _bandit(beta=beta, iterations=60, estimator="rloo")
+    ref, pi = _bandit(bandit, beta=beta, iterations=60, estimator="rloo")
     r = (np.arange(VOCAB) == TARGET).astype(np.float64)
     z = np.log(ref)
     for _ in range(20000):  # Gradient ascent on the exact objective over logits (concave in π's logits here).
@@ -304,10 +310,12 @@ def test_bandit_with_kl_reaches_the_reverse_kl_optimum():
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
-    """TinyWorld files, a tokenizer with the think markers, and a random-init 'SFT' checkpoint."""
+    """TinyWorld files, a tokenizer with the think markers, a random-init 'SFT' checkpoint and a
+    random 'reward' run (a reward model whose head is not zero, so its scores vary)."""
     from jaxlm.data import tinyworld
     from jaxlm.data.chat import REASONING_MARKERS
     from jaxlm.data.tokenizer import train_tokenizer
+    from jaxlm.reward_model import ScalarHeadModel
     d = tmp_path_factory.mktemp("stages")
     tinyworld.make_all(str(d / "data"), seed=0, log=lambda _: None, corpus_train=300, corpus_valid=10, sft_train=10,
                        sft_valid=10, eval_per_family=2, eval_reasoning=8, preferences_train=10, preferences_valid=10,
@@ -317,22 +325,50 @@ def stages(tmp_path_factory):
     cfg = ModelConfig(vocab_size=-(-tok.vocab_size // 128) * 128, num_layers=1, d_model=32, num_heads=2,
                       num_kv_heads=1, max_seq_len=128)
     params = Model(cfg).init(jax.random.PRNGKey(0))
-    ckpt = checkpoint.Checkpointer(str(d / "sft" / "checkpoints"))
-    ckpt.save(1, {"step": jnp.int32(1), "params": params},
-              meta={"stage": "sft", "model": dataclasses.asdict(cfg), "tokenizer": str(d / "tokenizer.model"),
-                    "config": {}})
-    ckpt.close()
-    (d / "sft" / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes())  # a run keeps its tokenizer
+    rm_params = ScalarHeadModel(cfg).init(jax.random.PRNGKey(1))
+    rm_params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2), (cfg.d_model,))
+    for stage, state in (("sft", params), ("reward", rm_params)):
+        ckpt = checkpoint.Checkpointer(str(d / stage / "checkpoints"))
+        ckpt.save(1, {"step": jnp.int32(1), "params": state},
+                  meta={"stage": stage, "model": dataclasses.asdict(cfg), "tokenizer": str(d / "tokenizer.model"),
+                        "config": {}})
+        ckpt.close()
+        (d / stage / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes())  # a run keeps its tokenizer
     return d
+
+
+def test_a_reward_run_scores_each_row_at_its_last_token(stages):
+    """`RewardModelScorer` of a jaxlm reward run against the model run on each row alone, unpadded."""
+    from jaxlm.hf import load_tokenizer
+    from jaxlm.reward_model import ScalarHeadModel
+    tokenizer = load_tokenizer(str(stages / "tokenizer.model"))
+    scorer = rewards.RewardModelScorer.load(str(stages / "reward"), tokenizer)
+    rng = np.random.default_rng(0)
+    lengths, kept = np.array([3, 1, 2, 3], np.int32), np.array([4, 2, 1, 3])  # prompt tokens, response tokens
+    prompts = np.where(np.arange(3)[None] >= 3 - lengths[:, None], rng.integers(1, 300, (4, 3)), 0).astype(np.int32)
+    response = rng.integers(1, 300, (4, 4)).astype(np.int32)
+    batch = sampling.prompt_response_layout(prompts, lengths, response, np.arange(4)[None] < kept[:, None])
+    params, _ = checkpoint.load_params(str(stages / "reward"))
+    rm = ScalarHeadModel(scorer.model.cfg)
+    expected = []
+    for i in range(4):
+        row = np.concatenate([prompts[i, 3 - lengths[i]:], response[i, :kept[i]]])[None]
+        hidden = rm.trunk.apply(params["trunk"], jnp.asarray(row), compute_logits=False).hidden[0, -1]
+        expected.append(float(hidden @ params["head"]["kernel"] + params["head"]["bias"]))
+    np.testing.assert_allclose(scorer(batch), expected, rtol=1e-5, atol=1e-6)
+    assert np.std(expected) > 1e-3  # the head is not zero: the comparison can fail
+    with pytest.raises(ValueError, match="is a 'sft' checkpoint, not a reward model"):
+        rewards.RewardModelScorer.load(str(stages / "sft"), tokenizer)
 
 
 def _grpo_command(stages, workdir, *extra):
     return [sys.executable, "-m", "experiments.grpo", f"--workdir={workdir}", f"--config.policy_from={stages / 'sft'}",
             f"--config.data.dir={stages / 'data'}", "--config.rollout.prompts=4", "--config.rollout.group_size=4",
             "--config.rollout.max_new_tokens=8", "--config.grpo.minibatch_size=8", "--config.train.iterations=4",
-            "--config.train.checkpoint_every=2", "--config.train.sample_every=2", "--config.eval.every=2",
+            "--config.train.checkpoint_every=2", "--config.train.sample_every=2", "--config.eval.every=4",
             "--config.eval.num_prompts=8", "--config.eval.batch_size=8", "--config.optim.warmup_steps=1",
-            "--config.optim.learning_rate=1e-3", "--config.rollout.overlong=penalty", *extra]
+            "--config.optim.learning_rate=1e-3", "--config.rollout.overlong=penalty",
+            f"--config.reward_model.path={stages / 'reward'}", "--config.reward_model.weight=0.5", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -342,48 +378,65 @@ def env(tmp_path_factory):
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def test_binary_runs_logs_and_resumes_bitwise_after_sigkill(stages, env, tmp_path):
-    run = lambda *args: subprocess.run(_grpo_command(stages, *args), cwd=ROOT, env=env, capture_output=True,
-                                       text=True, timeout=600)
-    straight = run(tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-4000:]
-    crashed = run(tmp_path / "crashed", "--config.train.crash_after_step=3")
+def _run(stages, env, workdir, *extra, **kw):
+    return subprocess.run(_grpo_command(stages, workdir, *extra), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished_run(stages, env, tmp_path_factory):
+    """One tiny finished run (4 iterations; the verifier, the format reward at weight 0, a learned
+    reward model at 0.5 and the overlong penalty), shared by the tests that read it."""
+    workdir = tmp_path_factory.mktemp("grpo") / "straight"
+    proc = _run(stages, env, workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
+
+
+def test_binary_logs_every_metric_and_each_reward(finished_run):
+    metrics = [json.loads(line) for line in open(finished_run / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
+    first = metrics[1]
+    for key in ("reward", "reward/tinyworld_verifier", "reward/think_format", "reward/reward_model",
+                "reward/overlong_penalty", "accuracy", "pass_at_g", "groups_dropped", "completion_length",
+                "think_share", "reasoning_words", "kl_k3", "kl_k1", "clip_low", "clip_high", "entropy", "loss",
+                "logprob_mismatch", "sampling_seconds", "scoring_seconds", "update_seconds", "completions_per_second"):
+        assert key in first, key
+    for m in metrics[1:]:  # The total is the weighted sum of the terms (means are linear).
+        parts = m["reward/tinyworld_verifier"] + 0.5 * m["reward/reward_model"] + m["reward/overlong_penalty"]
+        np.testing.assert_allclose(m["reward"], parts, rtol=1e-5, atol=1e-6)
+    assert len({m["reward/reward_model"] for m in metrics[1:]}) > 1  # the reward model scores what was sampled
+    # Iteration 1 samples the reference: KL 0 to rounding, the sampler's log-probs = the update's.
+    assert abs(first["kl_k1"]) < 1e-5 and first["logprob_mismatch"] < 1e-5
+    assert {"eval_accuracy", "eval_length", "eval_think_share"} <= set(metrics[0]) & set(metrics[4])
+    samples = [json.loads(l) for l in open(finished_run / "samples.jsonl")]
+    assert {s["step"] for s in samples} == {2, 4}
+    model, _, _ = init_source.load_for_inference(str(finished_run))
+    assert model.cfg.d_model == 32
+
+
+def test_binary_resumes_bitwise_after_sigkill(finished_run, stages, env, tmp_path):
+    crashed = _run(stages, env, tmp_path / "crashed", "--config.train.crash_after_step=3")
     assert crashed.returncode == -9, crashed.stderr[-4000:]
-    resumed = run(tmp_path / "crashed")
+    resumed = _run(stages, env, tmp_path / "crashed")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "Resuming from step 2" in resumed.stdout
     for item in ("params", "opt_state", "rng", "step", "iteration"):
-        a, _ = checkpoint.load_params(str(tmp_path / "straight"), item=item)
+        a, _ = checkpoint.load_params(str(finished_run), item=item)
         b, meta = checkpoint.load_params(str(tmp_path / "crashed"), item=item)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=item)
     assert meta["stage"] == "grpo" and int(b) == 4
-    metrics = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
-               for name in ("straight", "crashed")}
-    assert [m["step"] for m in metrics["straight"]] == [m["step"] for m in metrics["crashed"]] == [0, 1, 2, 3, 4]
-    for a, b in zip(*metrics.values()):
+    metrics = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (finished_run, tmp_path / "crashed")]
+    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [0, 1, 2, 3, 4]
+    for a, b in zip(*metrics):
         same = {k for k in a if not k.endswith("_seconds") and k != "completions_per_second"}
         assert {k: a[k] for k in same} == {k: b[k] for k in same}
-    first = metrics["straight"][1]
-    for key in ("reward", "reward/tinyworld_verifier", "reward/think_format", "reward/overlong_penalty", "accuracy",
-                "pass_at_g", "groups_dropped", "completion_length", "think_share", "reasoning_words", "kl_k3",
-                "kl_k1", "clip_low", "clip_high", "entropy", "loss", "logprob_mismatch", "sampling_seconds",
-                "scoring_seconds", "update_seconds", "completions_per_second"):
-        assert key in first, key
-    # Iteration 1 samples the reference: KL 0 to rounding, the sampler's log-probs = the update's.
-    assert abs(first["kl_k1"]) < 1e-5 and first["logprob_mismatch"] < 1e-5
-    assert {"eval_accuracy", "eval_length", "eval_think_share"} <= set(metrics["straight"][0])
-    samples = [json.loads(l) for l in open(tmp_path / "straight" / "samples.jsonl")]
-    assert {s["step"] for s in samples} == {2, 4}
-    model, _, _ = init_source.load_for_inference(str(tmp_path / "straight"))
-    assert model.cfg.d_model == 32
 
 
 def test_binary_names_a_failing_reward(stages, env, tmp_path):
-    proc = subprocess.run(_grpo_command(stages, tmp_path / "bad", "--config.rewards=test_grpo:fails_on_plus",
-                                        "--config.eval.every=0", "--config.train.iterations=1"),
-                          cwd=ROOT, env={**env, "PYTHONPATH": os.path.join(ROOT, "tests")},
-                          capture_output=True, text=True, timeout=600)
+    proc = _run(stages, {**env, "PYTHONPATH": os.path.join(ROOT, "tests")}, tmp_path / "bad",
+                "--config.rewards=test_grpo:fails_on_plus", "--config.eval.every=0", "--config.train.iterations=1")
     assert proc.returncode != 0
     assert "reward test_grpo:fails_on_plus raised ZeroDivisionError" in proc.stderr, proc.stderr[-3000:]
     assert "first failing prompt: 'What is" in proc.stderr

@@ -13,12 +13,20 @@ the peer's Llama: 4 heads and 4 KV heads, MLP 680, untied head.
 
 Reported: the median over `--repeats` steps after `--warmup` (compilation) of the step's wall time,
 completions/s and the seconds of sampling / scoring (reward + reference + advantages) / update.
-On a shared machine run it A B A B beside the peer (same shape) and compare medians.
+Side by side with TRL (A B A B, medians, the same shape):
+
+    python -m tools.bench_grpo --peer_python=/tmp/peers-venv/bin/python --rounds=2
+
+runs `--rounds` × (our timed steps, then ../shared/peers/trl_grpo_bench.py in that interpreter, in
+a subprocess, nothing shared) and prints both medians and their ratio.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import statistics
+import subprocess
 import time
 
 import jax
@@ -41,7 +49,25 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "New tokens per completion.")
 _BETA = flags.DEFINE_float("beta", 0.04, "k3 weight (0: no reference forward pass).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation).")
-_REPEATS = flags.DEFINE_integer("repeats", 6, "Timed steps (the median is reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 6, "Timed steps per round (the median is reported).")
+_PEER_PYTHON = flags.DEFINE_string("peer_python", "", "A Python with torch + trl (../shared/peers/README.md): run TRL's "
+                                   "GRPO step on the same shape after each round of ours. Empty: ours only.")
+_PEER_SCRIPT = flags.DEFINE_string("peer_script", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "..", "shared", "peers", "trl_grpo_bench.py"), "TRL's side of the benchmark.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Rounds of (ours, the peer's): A B A B on a shared machine.")
+
+
+def peer_step_seconds(python: str, script: str) -> float:
+    """TRL's seconds per GRPO step on the flags' shape, from the peer script's last line."""
+    args = [python, script, f"--layers={_LAYERS.value}", f"--dim={_DIM.value}", f"--heads={_HEADS.value}",
+            f"--vocab={_VOCAB.value}", f"--prompt={_PROMPT_LEN.value}", f"--resp={_NEW.value}",
+            f"--prompts={_PROMPTS.value}", f"--gens={_GROUP.value}", f"--beta={_BETA.value}"]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    found = re.search(r"([0-9.]+) ms/step", proc.stdout)
+    if proc.returncode or not found:
+        raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    print(proc.stdout.strip().splitlines()[-1], flush=True)
+    return float(found.group(1)) / 1e3
 
 
 def main(argv):
@@ -89,14 +115,21 @@ def main(argv):
 
     for _ in range(_WARMUP.value):
         state, _ = step(state)
-    times = []
-    for _ in range(_REPEATS.value):
-        state, t = step(state)
-        times.append(t)
+    times, peer = [], []
+    for _ in range(_ROUNDS.value):
+        for _ in range(_REPEATS.value):
+            state, t = step(state)
+            times.append(t)
+        if _PEER_PYTHON.value:
+            peer.append(peer_step_seconds(_PEER_PYTHON.value, _PEER_SCRIPT.value))
     total, sample_s, score_s, update_s = (statistics.median(x) for x in zip(*times))
     print(f"GRPO step: {total * 1e3:.0f} ms median of {len(times)} ({min(t[0] for t in times) * 1e3:.0f}–"
           f"{max(t[0] for t in times) * 1e3:.0f}), {P * G / total:.1f} completions/s; sampling {sample_s * 1e3:.0f} ms, "
           f"scoring {score_s * 1e3:.0f} ms, update {update_s * 1e3:.0f} ms", flush=True)
+    if peer:
+        trl = statistics.median(peer)
+        print(f"TRL GRPO step: {trl * 1e3:.0f} ms median of {len(peer)} runs ({', '.join(f'{x * 1e3:.0f}' for x in peer)}"
+              f"), {P * G / trl:.1f} completions/s; ours / TRL completions/s: {trl / total:.2f}×", flush=True)
 
 
 if __name__ == "__main__":
