@@ -69,19 +69,20 @@ def child(request):
         os._exit(code)
 
 print(json.dumps({"ready": os.getpid()}), flush=True)
-running = set()
+running, pending = set(), b""
 while True:
-    ready, _, _ = select.select([sys.stdin], [], [], 0.05)
-    if ready:
-        line = sys.stdin.readline()
-        if not line:
+    if select.select([0], [], [], 0.05)[0]:  # the fd itself: a file object's buffer would hide lines
+        data = os.read(0, 65536)
+        if not data:
             break
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            child(request)
-        running.add(pid)
-        print(json.dumps({"id": request["id"], "pid": pid}), flush=True)
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            request = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                child(request)
+            running.add(pid)
+            print(json.dumps({"id": request["id"], "pid": pid}), flush=True)
     for pid in list(running):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
