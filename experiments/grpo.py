@@ -252,11 +252,12 @@ def main(argv):
             indices = iterator.take(P)  # Refill: the next prompts; their position is checkpointed too.
         groups = (kept + spare)[:P]  # Not enough signal: uninformative groups (advantage 0) fill the batch.
         # Their rows in the sampled batches laid end to end (each call samples P groups): one gather,
-        # none when the first call's groups are all kept.
+        # none when there was one call and all its groups are kept.
         row_ids = np.concatenate([(r * P + g) * G + np.arange(G) for r, g in groups])
         pool = {k: jnp.concatenate([b[k] for b in batches]) if len(batches) > 1 else batches[0][k]
                 for k in ("tokens", "positions", "segment_ids", "response_mask", "sampled_logp", "ended")}
-        data = pool if np.array_equal(row_ids, np.arange(rows)) else take_rows(pool, row_ids)
+        whole = len(batches) == 1 and np.array_equal(row_ids, np.arange(rows))
+        data = pool if whole else take_rows(pool, row_ids)
         data["advantages"] = advantages(jnp.asarray(np.concatenate(totals)[row_ids]))
         data["old_logp"] = data.pop("sampled_logp")
         data["loss_mask"] = data["response_mask"] * (data["ended"][:, None] if gcfg.overlong == "mask" else 1.0)

@@ -427,6 +427,8 @@ def test_binary_resumes_bitwise_after_sigkill(finished_run, stages, env, tmp_pat
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=item)
     assert meta["stage"] == "grpo" and int(b) == 4
+    step, _ = checkpoint.load_params(str(finished_run), item="step")
+    assert int(step) == 4 * 2  # 2 updates of 8 rows per iteration of 4 × 4 completions, refills or not
     metrics = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (finished_run, tmp_path / "crashed")]
     assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [0, 1, 2, 3, 4]
     for a, b in zip(*metrics):
