@@ -20,6 +20,8 @@ Design decisions:
   built once per forward pass, not per layer. With `attention_impl='cudnn'` (or 'auto' on an
   NVIDIA GPU in bf16) cuDNN's flash attention runs its causal kernel; packed rows add the
   segment mask, which JAX hands to cuDNN as a bias.
+  The XLA path materialises the [B, N, T, T] scores: for long rows (`attention_chunk`) it runs
+  over query chunks under `jax.checkpoint` instead, the same numbers with one chunk's scores live.
 - Speed without new parameters: the MLP's gate and up projections run as one matmul on
   stacked weights when a call has many tokens (training, prefill); checkpoints and the
   Hugging Face layout are unchanged.
@@ -86,6 +88,9 @@ class ModelConfig:
     # Positions per chunk when training log-probs and losses project onto the vocabulary
     # (jaxlm.logprobs.head_log_probs): 0 = auto (only when the [B, T, V] logits are large), -1 = never.
     logits_chunk: int = 0
+    # Queries per chunk of the 'xla' attention without a cache (`chunked_attention`): 0 = auto (only
+    # when the [B, N, T, T] float32 scores exceed 256 MB), -1 = never. cuDNN's kernel never needs it.
+    attention_chunk: int = 0
 
     def __post_init__(self):
         if self.num_heads <= 0 or self.d_model <= 0 or self.num_layers <= 0:
@@ -102,6 +107,9 @@ class ModelConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose xla, cudnn or auto")
         if self.logits_chunk < -1:
             raise ValueError(f"logits_chunk={self.logits_chunk}; use a positive chunk length, 0 (auto) or -1 (never)")
+        if self.attention_chunk < -1:
+            raise ValueError(f"attention_chunk={self.attention_chunk}; use a positive chunk length, 0 (auto) or -1 "
+                             "(never)")
 
     @property
     def kv_heads(self) -> int:
@@ -279,6 +287,39 @@ def attention_mask(q_pos, q_seg, k_pos, k_seg) -> jax.Array:
     return ((same_segment & causal) | pad_query)[:, None, :, :]
 
 
+# Auto query chunking (`attention_chunk == 0`): above this many bytes of [B, N, T, S] float32 scores,
+# chunks of at most ATTENTION_CHUNK_BYTES (a power-of-two number of queries dividing T).
+ATTENTION_CHUNK_ABOVE_BYTES = 256 * 2**20
+ATTENTION_CHUNK_BYTES = 64 * 2**20
+
+
+def attention_chunk_length(cfg: ModelConfig, batch: int, length: int) -> int:
+    """Queries per chunk of a [batch, length] training pass's 'xla' attention; 0: all at once."""
+    chunk = cfg.attention_chunk
+    if chunk == 0:
+        row_bytes = batch * cfg.num_heads * length * 4  # one query of every row and head, float32
+        if row_bytes * length <= ATTENTION_CHUNK_ABOVE_BYTES:
+            return 0
+        chunk = 1 << max(0, (ATTENTION_CHUNK_BYTES // row_bytes).bit_length() - 1)
+    return chunk if 0 < chunk < length and length % chunk == 0 else 0
+
+
+def chunked_attention(q, k, v, mask, chunk: int) -> jax.Array:
+    """`jax.nn.dot_product_attention(q, k, v, mask=mask)` (XLA), `chunk` queries at a time.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, 1, T, S]. Each query's softmax runs over all its
+    keys, so the result is the unchunked one (to matmul blocking); only one chunk's [B, N, C, S]
+    scores are live, and under `jax.checkpoint` the backward pass recomputes them chunk by chunk.
+    """
+    b, t = q.shape[:2]
+    n = t // chunk
+    qs = q.reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)  # [n, B, C, N, H]
+    ms = mask.reshape(b, mask.shape[1], n, chunk, mask.shape[-1]).transpose(2, 0, 1, 3, 4)  # [n, B, 1, C, S]
+    body = jax.checkpoint(lambda xs: jax.nn.dot_product_attention(xs[0], k, v, mask=xs[1], implementation="xla"))
+    out = jax.lax.map(body, (qs, ms))  # [n, B, C, N, H]
+    return out.swapaxes(0, 1).reshape(q.shape)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -326,11 +367,16 @@ class Attention(nnx.Module):
         else:
             if mask is None:
                 mask = attention_mask(positions, segment_ids, positions, segment_ids)
+            chunk = attention_chunk_length(cfg, *x.shape[:2]) if impl == "xla" else 0
             # cuDNN: the causal mask type lets the kernel skip blocks above the diagonal, and the
             # segment mask (turned into a bias by JAX) removes the rest. Equal to the mask alone
             # because within a segment positions increase with the index, as every packer and
             # padding scheme here lays them out; padding queries keep their diagonal key.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=impl == "cudnn", implementation=impl)
+            if chunk:  # long rows on the XLA path: never the whole [B, N, T, T] scores at once
+                out = chunked_attention(q, k, v, mask, chunk)
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=impl == "cudnn",
+                                                   implementation=impl)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)) + _lora_delta(out, 2, *lora("wo", 3)), new_kv
 

@@ -88,7 +88,7 @@ import numpy as np
 from absl import flags
 
 from jaxlm import logprobs, lora, losses, optim, sharding
-from jaxlm.model import Model, ModelConfig
+from jaxlm.model import Model, ModelConfig, attention_chunk_length
 from jaxlm.steps import dpo, lm
 from jaxlm.train_state import abstract_train_state, create_train_state, state_shardings
 
@@ -439,6 +439,8 @@ def step_memory(cfg: ModelConfig, batch: int, seq_len: int, *, stage: str = "sft
 def format_memory(name: str, cfg: ModelConfig, r: dict) -> str:
     what = f"LoRA r={r['lora_rank']} (base {r['base_dtype']})" if r["lora_rank"] else "full fine-tuning"
     chunk = logprobs.chunk_length(cfg, r["batch"] * (2 if r["stage"] == "dpo" else 1), r["seq_len"])
+    rows = r["batch"] * (2 if r["stage"] == "dpo" else 1)
+    chunk = f"{chunk} attention_chunk={attention_chunk_length(cfg, rows, r['seq_len'])}"
     return (f"{name} {r['stage']} {what}: dtype={cfg.dtype} remat={cfg.remat} logits_chunk={chunk} batch={r['batch']} "
             f"seq_len={r['seq_len']}\n  step_mem_gb={r['step_gb']:.2f} (arguments {r['arguments_gb']:.2f}, "
             f"temporaries {r['temp_gb']:.2f}) trainable_gb={r['trainable_gb']:.3f} "
@@ -480,6 +482,8 @@ flags.DEFINE_float("peak_gbps", 0.0, "Device memory bandwidth in GB/s, for decod
 flags.DEFINE_string("dtype", None, "Compute dtype (default: the shape's, float32).", flag_values=FLAGS)
 flags.DEFINE_string("remat", None, "none, full, dots or dots_no_batch.", flag_values=FLAGS)
 flags.DEFINE_string("attention_impl", None, "xla, cudnn or auto.", flag_values=FLAGS)
+flags.DEFINE_integer("attention_chunk", None, "Queries per chunk of the XLA attention (0: auto, -1: never; "
+                     "default: the model's, auto).", flag_values=FLAGS)
 flags.DEFINE_integer("logits_chunk", None, "Positions per chunk of the loss's vocabulary projection (0: auto, "
                      "-1: never; default: the model's, auto).", flag_values=FLAGS)
 flags.DEFINE_integer("scan_unroll", None, "Layers unrolled per scan iteration.", flag_values=FLAGS)
@@ -504,7 +508,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.cpu_devices:  # Before anything initialises a backend.
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     overrides = dict(dtype=FLAGS.dtype, remat=FLAGS.remat, attention_impl=FLAGS.attention_impl,
-                     scan_unroll=FLAGS.scan_unroll, logits_chunk=FLAGS.logits_chunk)
+                     scan_unroll=FLAGS.scan_unroll, logits_chunk=FLAGS.logits_chunk,
+                     attention_chunk=FLAGS.attention_chunk)
     shape = FLAGS.shape or ("trl_tiny" if FLAGS.mode == "dpo" else "cpu_small")
     cfg = shape_config(shape, **overrides)
     batch = FLAGS.batch or SHAPES[shape]["batch"]

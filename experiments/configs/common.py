@@ -14,7 +14,7 @@ def model(**overrides) -> ml_collections.ConfigDict:
         vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=0, mlp_dim=0,
         max_seq_len=512, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True, qkv_bias=False,
         init_std=0.02, dtype="float32", remat="none", scan_unroll=4, attention_impl="xla", logits_chunk=0,
-        **overrides))
+        attention_chunk=0, **overrides))
 
 
 def optim(learning_rate: float, warmup_steps: int, weight_decay: float = 0.0, **overrides) -> ml_collections.ConfigDict:

@@ -20,7 +20,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 SCORE_BIAS_KEY = "jaxlm_score_bias"
 # Numerics-only ModelConfig fields a stage may set on an imported model; the rest is the checkpoint's.
-OVERRIDABLE = ("dtype", "remat", "scan_unroll", "attention_impl", "logits_chunk", "max_seq_len", "init_std")
+OVERRIDABLE = ("dtype", "remat", "scan_unroll", "attention_impl", "logits_chunk", "attention_chunk", "max_seq_len", "init_std")
 _ARCH_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
