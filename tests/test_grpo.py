@@ -9,6 +9,7 @@ bitwise resume after SIGKILL.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -415,12 +416,17 @@ def test_binary_logs_every_metric_and_each_reward(finished_run):
     assert model.cfg.d_model == 32
 
 
-def test_binary_resumes_bitwise_after_sigkill(finished_run, stages, env, tmp_path):
-    crashed = _run(stages, env, tmp_path / "crashed", "--config.train.crash_after_step=3")
-    assert crashed.returncode == -9, crashed.stderr[-4000:]
-    resumed = _run(stages, env, tmp_path / "crashed")
+def test_binary_resumes_bitwise_from_a_killed_runs_files(finished_run, stages, env, tmp_path):
+    """From what a SIGKILL after iteration 3 leaves: checkpoint 2, and metrics and samples past it
+    (the same run's files without checkpoint 4; the loop's own kill tests: test_loop.py). Rollout
+    RNG and prompt position (refills included) must come back from the checkpoint."""
+    crashed = tmp_path / "crashed"
+    shutil.copytree(finished_run, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "4")
+    resumed = _run(stages, env, crashed)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "Resuming from step 2" in resumed.stdout
+    assert (crashed / "checkpoints" / "4").is_dir()
     for item in ("params", "opt_state", "rng", "step", "iteration"):
         a, _ = checkpoint.load_params(str(finished_run), item=item)
         b, meta = checkpoint.load_params(str(tmp_path / "crashed"), item=item)
