@@ -437,7 +437,7 @@ def length(prompts, completions, records):
 def test_grpo_trains_adapters_against_the_base_as_reference(hf_base_and_adapter, tmp_path):
     """GRPO with LoRA on the HF base (β > 0): the checkpoint holds adapters only, pointing at the base;
     the reference is the base exactly (KL 0 at the first iteration, whose policy is the base; the
-    policy moves away from it after); the adapters train (B leaves zero)."""
+    policy moves away from it after one update); the adapters train (B leaves zero)."""
     from jaxlm import checkpoint
     d = hf_base_and_adapter
     (tmp_path / "length_reward.py").write_text(LENGTH_REWARD)
@@ -447,11 +447,11 @@ def test_grpo_trains_adapters_against_the_base_as_reference(hf_base_and_adapter,
         [sys.executable, "-m", "experiments.grpo", f"--workdir={workdir}", f"--config.policy_from=hf:{d / 'base'}",
          f"--config.data.prompts_file={d / 'sft.jsonl'}", "--config.rewards=length_reward:length=1.0",
          "--config.lora.rank=4", "--config.lora.targets=q,v,down", "--config.rollout.prompts=2",
-         "--config.rollout.group_size=4", "--config.rollout.max_new_tokens=8", "--config.grpo.minibatch_size=8",
-         "--config.grpo.beta=0.04", "--config.train.iterations=3", "--config.train.checkpoint_every=3",
+         "--config.rollout.group_size=4", "--config.rollout.max_new_tokens=6", "--config.grpo.minibatch_size=8",
+         "--config.grpo.beta=0.04", "--config.train.iterations=2", "--config.train.checkpoint_every=2",
          "--config.train.sample_every=0", "--config.eval.every=0", "--config.optim.warmup_steps=0",
          "--config.optim.learning_rate=3e-2",
-         "--config.rollout.overlong=none"],  # a random model never ends in 8 tokens: train on truncated answers
+         "--config.rollout.overlong=none"],  # a random model never ends in 6 tokens: train on truncated answers
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     adapters, meta = checkpoint.load_params(str(workdir))
@@ -460,4 +460,4 @@ def test_grpo_trains_adapters_against_the_base_as_reference(hf_base_and_adapter,
     assert all(float(np.max(np.abs(ad["b"]))) > 0 for group in adapters["blocks"].values() for ad in group.values())
     lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     kl = [line["kl_k1"] for line in lines if "kl_k1" in line]
-    assert len(kl) == 3 and abs(kl[0]) < 1e-4 and abs(kl[-1]) > 1e-3, kl
+    assert len(kl) == 2 and abs(kl[0]) < 1e-4 and abs(kl[1]) > 1e-3, kl
