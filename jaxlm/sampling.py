@@ -15,7 +15,7 @@ Design decisions:
 - **One compiled function** per (model, batch, prompt length, max_new_tokens, top_k, whether
   top-p is on, greedy, mesh). Temperature, top_p, the stop ids and pad_id are traced, so
   changing them does not recompile (only the number of stop ids is part of the shape). `Model`
-  objects hash by identity: reuse one `Model`.
+  handles hash by their config: every handle of one config shares the compiled function.
 - **Early exit.** `lax.while_loop` stops when every row has emitted EOS (or any of several stop
   ids, e.g. a chat template's end-of-turn token besides EOS), else after
   `max_new_tokens`. Rows that ended keep computing (fixed shapes) but are fed with segment id 0,
@@ -32,13 +32,20 @@ Design decisions:
 - **Speed** (decode is a batch of matrix-vector products: every step reads all weights and the
   whole cache). The model's own cached path copies the whole stacked cache several times per
   step on CPU, so the loop runs the model's layers (`_Decoder`) with its own attention over one
-  cache buffer per layer, updated in place. Sampling never sorts the vocabulary: a token is drawn
-  by a two-level inverse CDF from one uniform, top-p finds its cut-off by bisection, greedy uses
+  cache buffer per layer, updated in place. Where each device holds whole weights, a layer's
+  q/k/v and its gate/up projections run as one matmul each (the weights concatenated once per
+  call, outside the loop): at a few rows per step a matmul costs its dispatch and weight reads.
+  Sampling never sorts the vocabulary: a token is drawn by a two-level inverse CDF from one uniform, top-p finds its cut-off by bisection, greedy uses
   max + first match (XLA's CPU argmax is a slow variadic reduce). Prefill computes logits for the
   last prompt position only.
 - **Sharding.** Pass `mesh` (and shard `params` as in training): prompts are placed with
-  `sharding.batch_sharding(mesh)`, the KV cache is constrained to the same logical axes as the
-  activations, and the model's `constrain` calls see the mesh while tracing.
+  `sharding.batch_sharding(mesh)`. On a data-parallel mesh (fsdp and tensor of size 1, weights
+  replicated) each device decodes its rows in its own loop (`shard_map`), which stops when its
+  own rows have ended: one program over the mesh would need an all-reduce every step to agree on
+  stopping, a rendezvous of the device threads that costs CPU devices more than the step itself.
+  Otherwise one SPMD program runs: the KV cache is constrained to the same logical axes as the
+  activations, and the model's `constrain` calls see the mesh while tracing. Both give the
+  single-device tokens and log-probs (tested).
 
 Left out on purpose: beam search, speculative decoding, per-row sampling parameters, stop
 strings, and continuous batching (a finished row's slot is not refilled with a new prompt).
@@ -46,7 +53,6 @@ strings, and continuous batching (a finished row's slot is not refilled with a n
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Any, NamedTuple, Sequence
@@ -55,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxlm import sharding
 from jaxlm.model import Model, apply_rope, attention_mask, rope_frequencies
@@ -108,13 +114,23 @@ class _Decoder:
     order that lets XLA update the loop-carried buffer in place.
     """
 
-    def __init__(self, model: Model, params):
-        self.cfg = model.cfg
+    def __init__(self, model: Model, params, fuse: bool = False):
+        self.cfg = cfg = model.cfg
         self.module = model.bind(params)
         self.block_def, block_state = nnx.split(self.module.blocks)
         self.layer_states = [jax.tree.map(lambda a, i=i: a[i], block_state) for i in range(self.cfg.num_layers)]
         head = params["embed"].T if self.cfg.tie_embeddings else params["lm_head"]
         self.head = head.astype(self.cfg.compute_dtype)  # [D, V]
+        self.fused = None
+        if fuse:
+            # Once per call, outside the loop: each layer's q, k, v projections as one [D, (N + 2K)·H]
+            # matrix and its MLP's gate and up as one [D, 2F], so that a decode step runs 4 matmuls per
+            # layer instead of 7 (at a few rows per step, each matmul costs about its dispatch).
+            attn, mlp, dt = params["blocks"]["attn"], params["blocks"]["mlp"], cfg.compute_dtype
+            flat = lambda w: w.reshape(*w.shape[:2], -1)  # [L, D, heads, H] -> [L, D, heads·H]
+            qkv = jnp.concatenate([flat(attn["wq"]), flat(attn["wk"]), flat(attn["wv"])], axis=-1).astype(dt)
+            gate_up = jnp.concatenate([mlp["w_gate"], mlp["w_up"]], axis=-1).astype(dt)
+            self.fused = [(qkv[i], gate_up[i]) for i in range(cfg.num_layers)]
 
     def forward(self, tokens, positions, segments, cache: _Cache | None = None, slot=None):
         """tokens/positions/segments [B, T] -> (hidden [B, T, D], per-layer (k, v)).
@@ -130,9 +146,14 @@ class _Decoder:
         for i, state in enumerate(self.layer_states):
             block = nnx.merge(self.block_def, state)
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.positions, cache.segment_ids, slot)
-            attn_out, layer_kv = _attention(block.attn, block.attn_norm(x), positions, segments, layer_cache)
+            w_qkv, w_gate_up = self.fused[i] if self.fused else (None, None)
+            attn_out, layer_kv = _attention(block.attn, block.attn_norm(x), positions, segments, layer_cache, w_qkv)
             x = x + attn_out
-            x = x + block.mlp(block.mlp_norm(x))
+            if w_gate_up is None:
+                x = x + block.mlp(block.mlp_norm(x))
+            else:  # the model's MLP (SwiGLU) on the fused weights
+                gate, up = jnp.split(jnp.einsum("BTD,DF->BTF", block.mlp_norm(x), w_gate_up), 2, axis=-1)
+                x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, block.mlp.w_down[...].astype(x.dtype))
             x = sharding.constrain(x, ("batch", "length", "act_embed"))
             kv.append(layer_kv)
         return self.module.final_norm(x), kv
@@ -143,7 +164,7 @@ class _Decoder:
         return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
 
-def _attention(attn, x, positions, segments, layer_cache):
+def _attention(attn, x, positions, segments, layer_cache, w_qkv=None):
     """Grouped-query attention of x [B, T, D], alone (prefill) or over a KV cache (decode).
 
     Same projections, rotary embedding (with the config's scaling), scale, mask and float32
@@ -154,9 +175,13 @@ def _attention(attn, x, positions, segments, layer_cache):
     cfg, dt = attn.cfg, x.dtype
     b, t, _ = x.shape
     n, kh, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
-    q = jnp.einsum("BTD,DNH->BTNH", x, attn.wq[...].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", x, attn.wk[...].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x, attn.wv[...].astype(dt))
+    if w_qkv is None:
+        q = jnp.einsum("BTD,DNH->BTNH", x, attn.wq[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, attn.wk[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, attn.wv[...].astype(dt))
+    else:  # [D, (N + 2K)·H], see _Decoder
+        q, k, v = jnp.split(jnp.einsum("BTD,DE->BTE", x, w_qkv), [n * h, (n + kh) * h], axis=-1)
+        q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kh, h), v.reshape(b, t, kh, h)
     if cfg.qkv_bias:
         q, k, v = q + attn.q_bias[...].astype(dt), k + attn.k_bias[...].astype(dt), v + attn.v_bias[...].astype(dt)
     inv_freq = rope_frequencies(cfg)
@@ -276,14 +301,43 @@ def _sample_token(logits, u, temperature, top_p, *, top_k: int, use_top_p: bool,
     return token, token_logp
 
 
+_FUSE = True
+
+
+def _replicates_params(mesh: Mesh) -> bool:
+    """Whether the mesh only splits the batch (fsdp and tensor of size 1): every device holds all weights."""
+    return all(mesh.shape[a] == 1 for a in mesh.axis_names if a not in ("data",))
+
+
 def _generate_impl(model: Model, params, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_id,
                    pad_id, *, max_new_tokens: int, top_k: int, use_top_p: bool, greedy: bool,
                    mesh: Mesh | None) -> SampleOutput:
-    rules = sharding.use_rules(mesh) if mesh is not None else contextlib.nullcontext()
-    with rules:
-        return _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_id,
-                                pad_id, max_new_tokens=max_new_tokens, top_k=top_k, use_top_p=use_top_p,
-                                greedy=greedy)
+    b, n = prompt_tokens.shape[0], max_new_tokens
+    # The draw at step i uses fold_in(rng, i); all N are made up front, for the whole batch (so a
+    # row's draws do not depend on the mesh), outside the loop.
+    uniforms = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (b,), jnp.float32))(
+        jnp.arange(n)) if not greedy else jnp.zeros((n, b), jnp.float32)  # [N, B]
+    run = functools.partial(_generate_traced, model, max_new_tokens=max_new_tokens, top_k=top_k,
+                            use_top_p=use_top_p, greedy=greedy)
+    args = (params, prompt_tokens, prompt_lengths, uniforms, temperature, top_p, eos_id, pad_id)
+    if mesh is None or mesh.size == 1:
+        return run(*args, fuse=_FUSE)
+    if not _replicates_params(mesh) or b % mesh.size:
+        with sharding.use_rules(mesh):  # One SPMD program: the weights stay sharded as they are.
+            return run(*args)
+    # Data parallel only: each device decodes its rows in its own loop, which stops when its rows
+    # have ended. One program over the mesh would agree on stopping with an all-reduce every step:
+    # on CPU devices that are threads of one process, a rendezvous that costs more than the step.
+    rows = sharding.batch_sharding(mesh).spec[0]
+    out_specs = SampleOutput(tokens=P(rows), mask=P(rows), logprobs=P(rows), lengths=P(rows), ended=P(rows),
+                             num_steps=P(rows))
+    def per_device(*a):
+        out = run(*a, fuse=_FUSE)
+        return out._replace(num_steps=out.num_steps[None])  # [1] per device: [devices] in all
+
+    out = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(rows), P(rows), P(None, rows), P(), P(), P(), P()),
+                        out_specs=out_specs, check_vma=False)(*args)
+    return out._replace(num_steps=jnp.max(out.num_steps))  # the last device to stop, as one loop would
 
 
 def _prefill(decoder: _Decoder, prompt_tokens, lengths, cache_len: int) -> tuple[jax.Array, _Cache]:
@@ -328,19 +382,17 @@ def _is_stop(token, stop_ids):
     return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
 
 
-def _generate_traced(model, params, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_id, pad_id, *,
-                     max_new_tokens, top_k, use_top_p, greedy):
+def _generate_traced(model, params, prompt_tokens, prompt_lengths, uniforms, temperature, top_p, eos_id, pad_id, *,
+                     max_new_tokens, top_k, use_top_p, greedy, fuse=False):
+    """The prefill and the decode loop over the rows given (all of them, or one device's); `fuse`:
+    fused projection weights (`_Decoder`), where every device holds whole weights."""
     b, p = prompt_tokens.shape
     n = max_new_tokens
     sample = functools.partial(_sample_token, temperature=temperature, top_p=top_p, top_k=top_k,
                                use_top_p=use_top_p, greedy=greedy)
-    decoder = _Decoder(model, params)
+    decoder = _Decoder(model, params, fuse)
     lengths = prompt_lengths.astype(jnp.int32)
     logits, cache = _prefill(decoder, prompt_tokens, lengths, p + n)
-
-    # The draw at step i uses fold_in(rng, i); all N are made up front, outside the loop.
-    uniforms = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (b,), jnp.float32))(
-        jnp.arange(n)) if not greedy else jnp.zeros((n, b), jnp.float32)  # [N, B]
     uniforms = sharding.constrain(uniforms, (None, "batch"))
     token, logp = sample(logits, uniforms[0])
     ended = _is_stop(token, eos_id)

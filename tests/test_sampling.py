@@ -98,8 +98,9 @@ def test_cached_decoding_matches_full_forward(model, params, batch, variant):
 
     @jax.jit
     def decode_logits(params, tokens, lengths, forced):
-        """The sampler's prefill and decode step, teacher-forced with `forced` instead of sampling."""
-        decoder = sampling._Decoder(model, params)
+        """The sampler's prefill and decode step (fused projections, as generate runs them where every
+        device holds whole weights), teacher-forced with `forced` instead of sampling."""
+        decoder = sampling._Decoder(model, params, fuse=True)
         logits, cache = sampling._prefill(decoder, tokens, lengths, p + N)
 
         def step(cache, i):
@@ -350,19 +351,39 @@ SHARDED_SCRIPT = textwrap.dedent("""
     assert len(params["blocks"]["mlp"]["w_up"].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected["tokens"]))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected["logprobs"]), atol=1e-5, rtol=0)
+    # Data parallel only: each device runs its own loop (and stops when its rows have ended).
+    mesh = sharding.make_mesh(data=4, devices=jax.devices()[:4])
+    saved = np.load(expected["eos_params"])
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    params = jax.tree_util.tree_unflatten(jax.tree.structure(params), [saved[k] for k in paths])
+    params = jax.device_put(params, sharding.replicated(mesh))
+    out = sampling.generate(model, params, tokens, lengths, max_new_tokens=expected["n"], rng=jax.random.key(2),
+                            eos_id=2, pad_id=0, mesh=mesh)
+    assert len(out.tokens.sharding.device_set) == 4, out.tokens.sharding
+    for name in ("tokens", "mask", "lengths", "ended", "num_steps"):
+        np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(expected["sampled"][name]), name)
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected["sampled"]["logprobs"]), atol=1e-5,
+                               rtol=0)
     print("SHARDED_OK", sharding.describe(mesh))
 """)
 
 
-def test_sharded_greedy_equals_single_device(greedy_out):
-    """Greedy decoding on 8 simulated devices (data 2 x fsdp 2 x tensor 2) equals the single-device run."""
+def test_sharded_decoding_equals_single_device(model, params, batch, greedy_out, tmp_path):
+    """Greedy decoding on 8 simulated devices (data 2 x fsdp 2 x tensor 2: one SPMD program) and sampling
+    on 4 (data only: a loop per device, each stopping at its own row's EOS) equal the single-device runs."""
+    ending = eos_params(params, 0.3)  # rows that end at different steps (test_eos_handling_...)
+    sampled = gen(model, ending, batch, rng=jax.random.key(2))
+    assert np.asarray(sampled.ended).any() and len(set(np.asarray(sampled.lengths).tolist())) > 1
+    saved = str(tmp_path / "eos_params.npz")
+    np.savez(saved, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(ending)[0]})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
     expected = dict(cfg=dict(vocab_size=CFG.vocab_size, num_layers=CFG.num_layers, d_model=CFG.d_model,
                              num_heads=CFG.num_heads, num_kv_heads=CFG.num_kv_heads, max_seq_len=CFG.max_seq_len),
                     prompts=PROMPTS, n=N, tokens=np.asarray(greedy_out.tokens).tolist(),
-                    logprobs=np.asarray(greedy_out.logprobs).tolist())
+                    logprobs=np.asarray(greedy_out.logprobs).tolist(),
+                    sampled={k: np.asarray(v).tolist() for k, v in sampled._asdict().items()}, eos_params=saved)
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, json.dumps(expected)], capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stdout + result.stderr[-3000:]

@@ -2,10 +2,11 @@
 
     PYTHONPATH=. python -m tools.bench_decode --batch=8,64 --prompt_len=32 --new_tokens=64
 
-Prints one row per batch size (`--hf_baseline` adds Hugging Face `generate` on the same shape,
-if torch and transformers are installed). The target on the project's 2-core CPU box, for the
-default model (4 layers, d_model 256, 4 heads, vocab 4096), is 3x Hugging Face `generate`
-(measured there at ~680 new tokens/s at batch 8 and ~2,000 at batch 64).
+Prints one row per batch size. Where torch and transformers are importable, Hugging Face
+`generate` on the same model shape is timed beside ours, in the same process, one call right
+after each of ours (A B A B; `--nohf_baseline` turns it off), and the row ends with the ratio of
+the medians. The target on the project's 2-core CPU box, for the default model (4 layers,
+d_model 256, 4 heads, vocab 4096), is 3x Hugging Face `generate` at batch 8 and 64.
 
 What is measured:
 - `compile_s`: the first call of each compiled function (prefill-only and full decode) minus its
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,19 +43,31 @@ from jaxlm.model import Model, ModelConfig
 BENCH_CONFIG = ModelConfig(vocab_size=4096, num_layers=4, d_model=256, num_heads=4, max_seq_len=2048)
 
 
-def _timed(fn, repeats: int) -> tuple[float, list[float], float]:
-    """(first call s, the `repeats` later calls' s, their mean process CPU s), each ended by block_until_ready."""
+def _timed(fn, repeats: int, peer: Callable[[], Any] | None = None
+           ) -> tuple[float, list[float], float, list[float]]:
+    """(first call s, the `repeats` later calls' s, their mean process CPU s, the peer's s).
+
+    Each call is ended by block_until_ready. `peer` (another implementation of the same work) is
+    warmed up, then timed right after each of our timed calls: A B A B, so that a busy host slows
+    both alike.
+    """
     start = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - start
     jax.block_until_ready(fn())  # Warm-up after compilation.
-    times = []
-    cpu = time.process_time()
+    if peer is not None:
+        peer()
+    times, peer_times, cpu = [], [], 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return first, times, (time.process_time() - cpu) / repeats
+        cpu += time.process_time() - cpu_start
+        if peer is not None:
+            start = time.perf_counter()
+            peer()
+            peer_times.append(time.perf_counter() - start)
+    return first, times, cpu / max(repeats, 1), peer_times
 
 
 def decode_step_bytes(cfg: ModelConfig, batch: int, cache_len: int) -> int:
@@ -68,11 +82,12 @@ def decode_step_bytes(cfg: ModelConfig, batch: int, cache_len: int) -> int:
 
 def bench_decode(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, greedy: bool = False, repeats: int = 5, seed: int = 0,
-                 model: Model | None = None, params=None, mesh=None) -> dict:
+                 model: Model | None = None, params=None, mesh=None, peer: Callable[[], Any] | None = None) -> dict:
     """Time `sampling.generate` on random-init weights and full-length prompts; return a dict of figures.
 
     mesh: decode data-parallel over its devices (params replicated, the batch split), as
-    `sampling.generate(mesh=...)` does in the binaries.
+    `sampling.generate(mesh=...)` does in the binaries. peer: a call generating the same tokens
+    another way (`hf_generate_call`), timed after each of our full calls (`peer_tokens_per_s`).
     """
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to time decode steps, got {new_tokens}")
@@ -88,8 +103,8 @@ def bench_decode(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens
                                          temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                          eos_id=None, pad_id=0, mesh=mesh)
 
-    first_prefill, prefill_times, _ = _timed(run(1), repeats)
-    first_total, total_times, cpu_s = _timed(run(new_tokens), repeats)
+    first_prefill, prefill_times, _, _ = _timed(run(1), repeats)
+    first_total, total_times, cpu_s, peer_times = _timed(run(new_tokens), repeats, peer)
     prefill_s, total_s = statistics.median(prefill_times), statistics.median(total_times)
     step_diffs = []
     for _ in range(repeats):  # Paired: the prefill-only call, then the full one, back to back.
@@ -114,15 +129,18 @@ def bench_decode(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens
         "cpu_s": cpu_s,  # process CPU seconds per generate call (all threads)
         "gb_per_s": step_bytes / step_s / 1e9 if step_s else None,
         "step_mb": step_bytes / 1e6,
+        "peer_tokens_per_s": batch * new_tokens / statistics.median(peer_times) if peer_times else None,
+        "peer_tokens_per_s_best": batch * new_tokens / min(peer_times) if peer_times else None,
     }
 
 
-def bench_hf_generate(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, greedy: bool = False,
-                      repeats: int = 3, seed: int = 0, threads: int = 0) -> dict:
-    """The same measurement for Hugging Face `generate` (PyTorch, CPU) on a random-init Llama of this shape.
+def hf_generate_call(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, greedy: bool = False,
+                     seed: int = 0, threads: int = 0) -> Callable[[], None]:
+    """One Hugging Face `generate` (PyTorch, CPU) on a random-init Llama of this shape, as a call.
 
-    A baseline only: needs `torch` and `transformers` (not dependencies of jaxlm). Full-vocabulary
-    sampling (top_k=0) or greedy, exactly `new_tokens` per row, median of `repeats` after a warm-up.
+    The peer for `bench_decode(peer=...)`: needs `torch` and `transformers` (not dependencies of
+    jaxlm; ImportError otherwise). Full-vocabulary sampling (top_k=0) or greedy, exactly
+    `new_tokens` per row.
     """
     import torch  # pylint: disable=import-outside-toplevel
     from transformers import LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
@@ -146,10 +164,7 @@ def bench_hf_generate(model_cfg: ModelConfig, batch: int, prompt_len: int, new_t
                                  min_new_tokens=new_tokens, pad_token_id=0, **mode)
         assert out.shape == (batch, prompt_len + new_tokens), out.shape
 
-    _, times, cpu_s = _timed(run, repeats)
-    total_s = statistics.median(times)
-    return {"batch": batch, "total_s": total_s, "tokens_per_s": batch * new_tokens / total_s,
-            "tokens_per_s_best": batch * new_tokens / min(times), "cpu_s": cpu_s}
+    return run
 
 
 FLAGS = flags.FLAGS
@@ -169,7 +184,8 @@ flags.DEFINE_bool("greedy", False, "Greedy decoding.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per figure (median reported).")
 flags.DEFINE_integer("cpu_devices", 0, "CPU backend: split the host into this many devices (0: JAX's default, "
                      "one) and decode data-parallel over them (the batch split, weights replicated).")
-flags.DEFINE_bool("hf_baseline", False, "Also time Hugging Face generate (needs torch + transformers).")
+flags.DEFINE_bool("hf_baseline", True, "Time Hugging Face generate beside ours (A B A B) where torch and "
+                  "transformers are importable.")
 flags.DEFINE_integer("hf_threads", 0, "torch.set_num_threads for the baseline (0 = torch's default).")
 
 
@@ -198,23 +214,32 @@ def main(argv):
           f"d_model={cfg.d_model} heads={cfg.num_heads} vocab={cfg.vocab_size} dtype={cfg.dtype} "
           f"scan_unroll={cfg.scan_unroll} temperature={FLAGS.temperature} top_k={FLAGS.top_k} "
           f"top_p={FLAGS.top_p} greedy={FLAGS.greedy}")
+    hf = FLAGS.hf_baseline and (FLAGS.top_k == 0 and FLAGS.top_p == 1.0 and FLAGS.temperature == 1.0)
+    if hf:
+        try:
+            import torch, transformers  # pylint: disable=import-outside-toplevel,unused-import,multiple-imports
+            print(f"peer: Hugging Face generate, torch {torch.__version__}, transformers {transformers.__version__}, "
+                  f"timed after each of our calls")
+        except ImportError as e:
+            print(f"peer: not timed ({e}); install torch and transformers to time Hugging Face generate beside ours")
+            hf = False
     header = f"{'batch':>5} {'prompt':>6} {'new':>4} {'tokens/s':>9} {'best':>7} {'step ms':>8} {'prefill ms':>10} " \
              f"{'GB/s':>6} {'MB/step':>8} {'cpu s':>6} {'compile s':>9}"
-    if FLAGS.hf_baseline:
+    if hf:
         header += f" {'HF tok/s':>9} {'HF best':>7} {'speedup':>7}"
     print(header)
     for b in FLAGS.batch:
+        peer = hf_generate_call(cfg, int(b), FLAGS.prompt_len, FLAGS.new_tokens, greedy=FLAGS.greedy,
+                                threads=FLAGS.hf_threads) if hf else None
         r = bench_decode(cfg, int(b), FLAGS.prompt_len, FLAGS.new_tokens, temperature=FLAGS.temperature,
                          top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy, repeats=FLAGS.repeats,
-                         model=model, params=params, mesh=mesh)
+                         model=model, params=params, mesh=mesh, peer=peer)
         line = (f"{r['batch']:>5} {r['prompt_len']:>6} {r['new_tokens']:>4} {r['tokens_per_s']:>9.0f} "
                 f"{r['tokens_per_s_best']:>7.0f} {_fmt(r['step_ms'], 8, 3)} {1e3 * r['prefill_s']:>10.2f} "
                 f"{_fmt(r['gb_per_s'], 6, 1)} {r['step_mb']:>8.1f} {r['cpu_s']:>6.2f} {r['compile_s']:>9.2f}")
-        if FLAGS.hf_baseline:
-            hf = bench_hf_generate(cfg, int(b), FLAGS.prompt_len, FLAGS.new_tokens, greedy=FLAGS.greedy,
-                                   repeats=FLAGS.repeats, threads=FLAGS.hf_threads)
-            line += (f" {hf['tokens_per_s']:>9.0f} {hf['tokens_per_s_best']:>7.0f} "
-                     f"{r['tokens_per_s'] / hf['tokens_per_s']:>6.2f}x")
+        if hf:
+            line += (f" {r['peer_tokens_per_s']:>9.0f} {r['peer_tokens_per_s_best']:>7.0f} "
+                     f"{r['tokens_per_s'] / r['peer_tokens_per_s']:>6.2f}x")
         print(line, flush=True)
 
 
