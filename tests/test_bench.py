@@ -57,6 +57,8 @@ def test_tool_prints_its_fields_on_the_tiny_shape():
         "'--warmup=1', '--peak_tflops=0.5'])\n"
         "bench.main(['bench', '--mode=decode', '--shape=tiny', '--batch=2', '--seq_len=8', '--steps=6', "
         "'--repeats=1', '--peak_gbps=100'])\n"
+        "bench.main(['bench', '--mode=dpo', '--shape=tiny', '--batch=2', '--seq_len=16', '--prompt_len=6', "
+        "'--steps=2', '--repeats=1', '--warmup=1', '--nopeer'])\n"
         "heavy = [m for m in ('grain', 'orbax', 'tensorboardX', 'ml_collections', 'tqdm', 'sentencepiece') "
         "if m in sys.modules]\n"
         "print('heavy modules:', heavy)\n")
@@ -77,7 +79,26 @@ def test_tool_prints_its_fields_on_the_tiny_shape():
     decode = re.search(r"tiny decode: .* batch=2 prompt_len=8 new_tokens=6 .*\n\s+tokens/s=[\d.]+ step_ms=(?:[\d.]+|n/a) "
                        r"prefill_ms=[\d.]+ gb_per_s=(?:[\d.]+ \([\d.]+% of 100\)|n/a) ", out)  # n/a: steps below noise
     assert decode, out
+    dpo = re.search(r"tiny dpo: .* pairs=2 prompt_len=6 response_len=10 .*\n\s+step_ms=([\d.]+) .* loss=([\d.]+)", out)
+    assert dpo, out
+    assert float(dpo.group(2)) == pytest.approx(np.log(2), abs=1e-4)  # the first step: policy == reference
+    assert "peer: nanoGPT not timed" in out  # train mode says why no peer ran (no NANOGPT_DIR here)
     assert "heavy modules: []" in out
+
+
+def test_peer_runs_are_parsed_and_compared(tmp_path):
+    """A peer is a subprocess whose last line reports ms/step: each run adds one figure, the summary
+    gives the median and how many times faster ours is; a missing script or package is reported."""
+    script = tmp_path / "peer.py"
+    script.write_text("import sys\nprint('warming up')\nprint(f'peer step: {sys.argv[1]} ms/step, 8 pairs/s')\n")
+    peer = bench.Peer("fake", [sys.executable, str(script), "12.5"], needs=("json",))
+    assert peer.available() == ""
+    peer.run()
+    peer.run()
+    assert peer.step_ms == [12.5, 12.5]
+    assert "step_ms=12.5 (median of 2 runs, min 12.5); ours is 1.25x as fast" in bench.format_peer(peer, 10.0)
+    assert "not found" in bench.Peer("x", [sys.executable, str(tmp_path / "none.py")], ("json",)).available()
+    assert "no_such_module" in bench.Peer("x", [sys.executable, str(script)], ("no_such_module",)).available()
 
 
 def test_auto_attention_is_xla_off_gpu():
