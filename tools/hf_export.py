@@ -9,7 +9,7 @@ logits as jaxlm (tests/test_hf.py checks it). A reward model's checkpoint (param
 "head"}), or PPO's critic (--item=critic), becomes `...ForSequenceClassification` with one label;
 HF's score layer has no bias, so the head's bias is written to config.json as
 `jaxlm_score_bias` (our score = HF's logit + that bias). A LoRA run (meta `lora`) is exported
-merged onto its base, or with --adapter as the adapter alone in peft's format (DIR/adapter_config.json,
+merged onto its base (PPO's critic, `--item=critic`, onto the reward model's trunk it adapts), or with --adapter as the adapter alone in peft's format (DIR/adapter_config.json,
 DIR/adapter_model.safetensors; `peft.PeftModel.from_pretrained(base, DIR)`). Runs on the host CPU (JAX_PLATFORMS=cpu
 unless set), in one process; host memory must hold the parameters once.
 """
