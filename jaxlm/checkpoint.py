@@ -254,7 +254,7 @@ def model_kind(params) -> str:
     """What a parameter tree is, in words (for errors): a reward model's {trunk, head} or a language model's."""
     if isinstance(params, dict) and {"trunk", "head"} <= set(params):
         return "a reward model (trunk and scalar head: a reward run)"
-    return "a language model (a pretrain, sft, dpo, ppo or cai run)"
+    return "a language model (a pretrain, sft, dpo, ppo, grpo or cai run)"
 
 
 def run_dir(directory: str) -> str:

@@ -138,7 +138,7 @@ def load_for_inference(path: str, step: int | None = None) -> tuple[Model, Any, 
         params, meta = run_params(path, step)
     if isinstance(params, dict) and "head" in params:
         raise ValueError(f"{path} is a {meta.get('stage', '?')} run, {checkpoint.model_kind(params)}: it scores "
-                         "text and cannot generate; give a language-model run (pretrain, sft, dpo, ppo, cai)")
+                         "text and cannot generate; give a language-model run (pretrain, sft, dpo, ppo, grpo, cai)")
     model = Model(ModelConfig(**meta["model"]))
     tokenizer = load_tokenizer(meta["tokenizer"])
     return model, params, tokenizer

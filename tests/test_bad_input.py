@@ -353,11 +353,11 @@ def test_tools_on_a_run_of_the_wrong_stage_name_the_flag_and_both_stages(outcome
     # 12: one line each: the flag, the stage found, the stage expected.
     policy, reward = outcome.dirs["policy"], outcome.dirs["reward"]
     assert failed(outcome, "breakdown_sft").strip().splitlines() == [
-        f"ERROR: --checkpoint={policy} is a sft run, a language model (a pretrain, sft, dpo, ppo or cai run); this "
+        f"ERROR: --checkpoint={policy} is a sft run, a language model (a pretrain, sft, dpo, ppo, grpo or cai run); this "
         "needs a reward model (a reward run)"]
     assert failed(outcome, "sample_reward").strip().splitlines() == [
         f"ERROR: --checkpoint={reward} is a reward run, a reward model (trunk and scalar head: a reward run): it "
-        "scores text and cannot generate; give a language-model run (pretrain, sft, dpo, ppo, cai)"]
+        "scores text and cannot generate; give a language-model run (pretrain, sft, dpo, ppo, grpo, cai)"]
 
 
 def test_sigterm_ends_a_process_that_cannot_save(outcome):
