@@ -1,5 +1,8 @@
 """LoRA (jaxlm.lora): zero adapters are the base, merged equals unmerged, gradients reach only
-the adapters (and the reward head), the reference with adapters off is the base, dropout."""
+the adapters (and the reward head), the reference with adapters off is the base, dropout; a changed
+base is refused (resume, merge); PPO's critic merged for export; the PEFT round trip; the binaries
+(SFT continuing a peft adapter on an HF base, bitwise resume, export; GRPO with LoRA), which share
+one finished SFT run."""
 
 import dataclasses
 import functools
