@@ -109,9 +109,10 @@ def test_one_microbatch_of_8_equals_8_of_1(aggregation):
         sums = [total(logp, slice(i, i + 1)) for i in range(B)]
         return sum(s for s, _ in sums) / sum(c for _, c in sums)
 
+    accumulated, whole = jax.jit(accumulated), jax.jit(whole)  # one compile each, not op by op
     np.testing.assert_allclose(float(accumulated(NEW)), float(whole(NEW)), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(jax.grad(accumulated)(NEW)), np.asarray(jax.grad(whole)(NEW)),
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(accumulated))(NEW)),
+                               np.asarray(jax.jit(jax.grad(whole))(NEW)), rtol=1e-5, atol=1e-8)
 
 
 def test_clip_higher_is_asymmetric_at_both_edges():
@@ -262,7 +263,7 @@ def test_update_step_with_8_microbatches_equals_one_batch(aggregation="sequence_
     response = rng.integers(1, 16, (8, 5)).astype(np.int32)
     mask = (np.arange(5)[None] < np.array([5, 3, 1, 4, 5, 2, 3, 5])[:, None]).astype(np.float32)
     batch = sampling.prompt_response_layout(prompts, lengths, response, mask)
-    logp = grpo.reference_log_probs(models, params, batch, 1.0)
+    logp = jax.jit(lambda p, b: grpo.reference_log_probs(models, p, b, 1.0))(params, batch)  # one compile
     batch.update(loss_mask=batch["response_mask"], old_logp=logp - 0.1 * jnp.asarray(mask),
                  ref_logp=logp + 0.2 * jnp.asarray(mask), advantages=jnp.asarray(rng.normal(size=8), jnp.float32))
     tx = optax.sgd(1.0)
