@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -22,6 +23,25 @@ def _to_python(value: Any):
     return value.item() if value.ndim == 0 else value.tolist()
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without importing torch.
+
+    tensorboardX imports torch whenever it is installed (only to accept torch tensors, which we never
+    log), which costs 3-13 s at every start of every binary on a machine with torch (the test
+    extra, most users'). A `None` in sys.modules makes that `import torch` raise ImportError, which
+    tensorboardX handles; the entry is removed at once, so torch imports normally afterwards. Where
+    torch is already imported nothing is hidden."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
@@ -33,8 +53,7 @@ class MetricsWriter:
         self._truncate_after(resume_step or 0)
         self._file = open(self.path, "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def _truncate_after(self, step: int):
         if not os.path.exists(self.path):
