@@ -14,7 +14,8 @@ Design decisions:
   `reference_log_probs` over the data); then pass `ref_params=None` and the step never runs
   the reference. Both paths call the same function, so they give the same loss (tested).
 - **One forward pass per model.** Chosen and rejected rows go through the model together
-  ([2B, T]); rows never interact, so it equals two passes with half the dispatches.
+  ([2B, T], each pair's sides adjacent, so a sharded batch stays where it is); rows never
+  interact, so it equals two passes with half the dispatches.
 - **Log-probs** come from `jaxlm.logprobs` (the one place that shifts targets), at temperature 1.
 - **Per-pair normalisation.** The loss is summed over real pairs (`weight` 1) and divided by
   their number over the whole batch, after gradient accumulation, so 1×8 equals 8×1.
@@ -79,14 +80,16 @@ def pair_log_probs(model, params, batch: Batch) -> tuple[jax.Array, jax.Array, j
 
     `batch` as made by `jaxlm.data.preferences` (chosen_* and rejected_* rows).
     """
-    both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+    b = batch["chosen_tokens"].shape[0]
+    # Pair i's two sides in rows 2i and 2i + 1 (not chosen rows then rejected rows): a pair stays on
+    # the device that holds it under a batch-sharded mesh, so no all-to-all moves rows to and fro.
+    both = {k: jnp.stack([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=1).reshape(2 * b, -1)
             for k in ("tokens", "positions", "segment_ids", "loss_mask")}  # [2B, T]
     logp = logprobs.response_log_probs(model, params, both["tokens"], both["positions"], both["segment_ids"],
                                        both["loss_mask"])  # [2B, T], 0 off the response
-    seq = jnp.sum(logp, axis=-1)
-    count = jnp.sum(logprobs.target_mask(both["segment_ids"], both["loss_mask"]), axis=-1)
-    b = batch["chosen_tokens"].shape[0]
-    return seq[:b], seq[b:], count[:b], count[b:]
+    seq = jnp.sum(logp, axis=-1).reshape(b, 2)
+    count = jnp.sum(logprobs.target_mask(both["segment_ids"], both["loss_mask"]), axis=-1).reshape(b, 2)
+    return seq[:, 0], seq[:, 1], count[:, 0], count[:, 1]
 
 
 def reference_log_probs(model, ref_params, batch: Batch) -> dict[str, jax.Array]:
