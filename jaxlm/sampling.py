@@ -332,7 +332,8 @@ def _generate_impl(model: Model, params, prompt_tokens, prompt_lengths, rng, tem
     out_specs = SampleOutput(tokens=P(rows), mask=P(rows), logprobs=P(rows), lengths=P(rows), ended=P(rows),
                              num_steps=P(rows))
     def per_device(*a):
-        out = run(*a, fuse=_FUSE)
+        with sharding.without_rules():  # per-device blocks: no constraints, whatever the caller's context
+            out = run(*a, fuse=_FUSE)
         return out._replace(num_steps=out.num_steps[None])  # [1] per device: [devices] in all
 
     out = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(rows), P(rows), P(None, rows), P(), P(), P(), P()),

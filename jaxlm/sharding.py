@@ -119,6 +119,19 @@ def use_rules(mesh: Mesh, rules=DEFAULT_RULES):
         _context.value = previous
 
 
+@contextlib.contextmanager
+def without_rules():
+    """While tracing under this context, `constrain` is a no-op: for the body of a `shard_map`,
+    whose arrays are per-device blocks (a sharding constraint there is an error), even when the
+    caller traces under `use_rules` (a training step's sampling hook)."""
+    previous = getattr(_context, "value", None)
+    _context.value = None
+    try:
+        yield
+    finally:
+        _context.value = previous
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `use_rules` or on one device."""
     ctx = getattr(_context, "value", None)
