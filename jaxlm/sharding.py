@@ -109,27 +109,25 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def use_rules(mesh: Mesh, rules=DEFAULT_RULES):
-    """While tracing under this context, `constrain` pins activations to the mesh."""
+def _rules_context(value):
     previous = getattr(_context, "value", None)
-    _context.value = (mesh, rules)
+    _context.value = value
     try:
         yield
     finally:
         _context.value = previous
 
 
-@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules=DEFAULT_RULES):
+    """While tracing under this context, `constrain` pins activations to the mesh."""
+    return _rules_context((mesh, rules))
+
+
 def without_rules():
     """While tracing under this context, `constrain` is a no-op: for the body of a `shard_map`,
     whose arrays are per-device blocks (a sharding constraint there is an error), even when the
     caller traces under `use_rules` (a training step's sampling hook)."""
-    previous = getattr(_context, "value", None)
-    _context.value = None
-    try:
-        yield
-    finally:
-        _context.value = previous
+    return _rules_context(None)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
